@@ -1,0 +1,53 @@
+"""Every setting of the service, read from the environment with the prefix ``JOBSVC_``.
+
+A ``Settings`` object is made by whoever starts the service (the CLI, a test, a user's app)
+and passed down; nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def default_worker_count() -> int:
+    """The number of cores less one (the API keeps a core), at least one."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="JOBSVC_", extra="ignore")
+
+    database_url: str = "sqlite+aiosqlite:///./jobsvc.db"
+    # Comma-separated import paths, imported by the API and by every worker process.
+    task_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    workers: int = Field(default_factory=default_worker_count, ge=1)
+    # The largest request body of any kind, JSON included.
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    max_rows: int = Field(default=50_000_000, ge=1)
+    max_columns: int = Field(default=10_000, ge=1)
+    lease_seconds: float = Field(default=30.0, gt=0)
+    shutdown_grace: float = Field(default=10.0, ge=0)
+    # How often an idle dispatcher looks for due jobs without being woken (retries, other processes).
+    poll_seconds: float = Field(default=1.0, gt=0)
+    # FULL survives a power cut with every acknowledged job; NORMAL is faster and survives a
+    # crash of the process but may lose the last transactions on power loss.
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    sqlite_busy_timeout_ms: int = Field(default=5_000, ge=0)
+    default_max_attempts: int = Field(default=3, ge=1)
+    retry_base_seconds: float = Field(default=1.0, ge=0)
+    retry_max_seconds: float = Field(default=600.0, ge=0)
+
+    @field_validator("task_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
