@@ -1,0 +1,121 @@
+"""Engines and transactions.
+
+Two engines over one database. Reads go through a small pool. Writes go through ``write()``:
+on SQLite a single connection that opens every transaction with ``BEGIN IMMEDIATE`` — SQLite
+has one write lock anyway, and waiting for it in the process (a queue for one connection)
+costs far less than connections fighting over it, while a deferred transaction that reads
+before it writes fails at once with "database is locked". This one path is also where writes
+can later be batched into group commits.
+
+Driver errors that mean "cannot write now" become ``StorageUnavailable``/``DatabaseBusy`` here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from jobsvc.errors import DatabaseBusy, StorageUnavailable
+from jobsvc.settings import Settings
+
+_BUSY = ("database is locked", "database table is locked")
+_UNAVAILABLE = ("database or disk is full", "readonly database", "disk i/o error")
+
+
+def translate(error: DBAPIError) -> Exception:
+    """The domain error for a driver error, or the driver error itself."""
+    text = str(error.orig).lower()
+    if any(marker in text for marker in _BUSY):
+        return DatabaseBusy()
+    if any(marker in text for marker in _UNAVAILABLE):
+        return StorageUnavailable(
+            f"The database cannot take writes ({error.orig}); nothing was changed. "
+            "Try again later."
+        )
+    return error
+
+
+def _sqlite_pragmas(settings: Settings) -> Any:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event, not the driver, decide how transactions start.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={settings.sqlite_synchronous}")
+        cursor.execute(f"PRAGMA busy_timeout={int(settings.sqlite_busy_timeout_ms)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return on_connect
+
+
+class Database:
+    def __init__(self, settings: Settings) -> None:
+        self.url = settings.database_url
+        self.dialect = make_url(self.url).get_backend_name()
+        if self.dialect == "sqlite":
+            self.writer = create_async_engine(self.url, pool_size=1, max_overflow=0)
+            self.reader = create_async_engine(self.url, pool_size=4, max_overflow=4)
+            for engine, immediate in ((self.writer, True), (self.reader, False)):
+                event.listen(engine.sync_engine, "connect", _sqlite_pragmas(settings))
+                begin_sql = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+                event.listen(
+                    engine.sync_engine,
+                    "begin",
+                    lambda conn, sql=begin_sql: conn.exec_driver_sql(sql),
+                )
+        else:
+            self.writer = create_async_engine(self.url, pool_size=10, max_overflow=10)
+            self.reader = self.writer
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """One write transaction: committed when the block ends, rolled back if it raises."""
+        try:
+            async with self.writer.begin() as conn:
+                yield conn
+        except DBAPIError as error:
+            raise translate(error) from error
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self.reader.connect() as conn:
+                yield conn
+        except DBAPIError as error:
+            raise translate(error) from error
+
+    async def ping(self) -> None:
+        async with self.read() as conn:
+            await conn.exec_driver_sql("SELECT 1")
+
+    async def dispose(self) -> None:
+        await self.writer.dispose()
+        if self.reader is not self.writer:
+            await self.reader.dispose()
+
+
+def engine_for_migrations(settings: Settings) -> AsyncEngine:
+    """An engine for Alembic: the same pragmas, no pooling."""
+    from sqlalchemy.pool import NullPool
+
+    engine = create_async_engine(settings.database_url, poolclass=NullPool)
+    if settings.database_url.startswith("sqlite"):
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas(settings))
+        event.listen(
+            engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE")
+        )
+    return engine
+
+
+__all__ = ["Database", "OperationalError", "engine_for_migrations", "translate"]
