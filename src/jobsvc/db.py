@@ -35,8 +35,7 @@ def translate(error: DBAPIError) -> Exception:
         return DatabaseBusy()
     if any(marker in text for marker in _UNAVAILABLE):
         return StorageUnavailable(
-            f"The database cannot take writes ({error.orig}); nothing was changed. "
-            "Try again later."
+            f"The database cannot take writes ({error.orig}); nothing was changed. Try again later."
         )
     return error
 

@@ -6,6 +6,7 @@ to a status in one place (``jobsvc.api.errors``).
     ├── Conflict                 the job's state forbids the operation
     │   └── IdempotencyConflict  same Idempotency-Key, different request
     ├── InvalidInput             the request names something that cannot be run
+    │   ├── MalformedRequest     the body is not well-formed (bad JSON)
     │   ├── UnknownTask
     │   ├── InvalidParams
     │   └── InvalidData          malformed or unsupported input data
@@ -44,6 +45,10 @@ class IdempotencyConflict(Conflict):
 
 class InvalidInput(JobsvcError):
     """The request cannot be run as given."""
+
+
+class MalformedRequest(InvalidInput):
+    """The request body is not well-formed."""
 
 
 class UnknownTask(InvalidInput):

@@ -19,6 +19,7 @@ from sqlalchemy.engine import make_url
 
 from jobsvc.settings import Settings
 
+
 def migrations_dir() -> Path:
     packaged = Path(__file__).parent / "migrations"  # inside an installed wheel
     if packaged.is_dir():

@@ -105,6 +105,8 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     max_attempts: Mapped[int] = mapped_column(Integer)
     timeout_seconds: Mapped[float | None] = mapped_column(Float)
+    # The first retry waits about this long; each later one twice the one before (capped).
+    retry_delay_seconds: Mapped[float] = mapped_column(Float)
     # The earliest time the job may (next) be claimed: the submit's run_at, or a retry's backoff.
     run_at: Mapped[datetime]
     created_at: Mapped[datetime]
@@ -161,9 +163,7 @@ class JobEvent(Base):
     __tablename__ = "job_events"
 
     id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(
-        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
-    )
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     at: Mapped[datetime]
     status: Mapped[str] = mapped_column(String(16))
     attempt: Mapped[int] = mapped_column(Integer)

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     max_columns: int = Field(default=10_000, ge=1)
     lease_seconds: float = Field(default=30.0, gt=0)
     shutdown_grace: float = Field(default=10.0, ge=0)
-    # How often an idle dispatcher looks for due jobs without being woken (retries, other processes).
+    # How often an idle dispatcher looks for due jobs without a wake-up (other processes' jobs).
     poll_seconds: float = Field(default=1.0, gt=0)
     # FULL survives a power cut with every acknowledged job; NORMAL is faster and survives a
     # crash of the process but may lose the last transactions on power loss.

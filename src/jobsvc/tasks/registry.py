@@ -30,6 +30,7 @@ class Task:
     params_model: type[BaseModel]
     max_attempts: int | None
     timeout: float | None
+    retry_delay: float | None
     description: str
 
     def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +82,7 @@ def params_model_for(name: str, func: Callable[..., Any]) -> type[BaseModel]:
     if not parameters:
         raise TaskDefinitionError(f"task {name!r} must take the input data as its first argument")
     try:
-        hints = get_type_hints(func)
+        hints = get_type_hints(func, include_extras=True)
     except Exception:  # an annotation that does not resolve: treat it as Any
         hints = {}
     fields: dict[str, Any] = {}
@@ -104,8 +105,14 @@ def task(
     *,
     max_attempts: int | None = None,
     timeout: float | None = None,
+    retry_delay: float | None = None,
 ) -> Callable[[F], F]:
-    """Register ``func`` as a task. ``max_attempts`` and ``timeout`` (seconds) are its defaults."""
+    """Register a function as a task.
+
+    ``max_attempts``, ``timeout`` (seconds an attempt may run) and ``retry_delay`` (seconds
+    before the first retry; each later one waits twice as long) are its defaults; a submit may
+    override ``max_attempts`` and ``retry_delay``.
+    """
 
     def register(func: F) -> F:
         task_name = name or func.__name__
@@ -116,6 +123,7 @@ def task(
                 params_model=params_model_for(task_name, func),
                 max_attempts=max_attempts,
                 timeout=timeout,
+                retry_delay=retry_delay,
                 description=inspect.getdoc(func) or "",
             )
         )

@@ -1,0 +1,390 @@
+"""The routes: check the request, call the service, shape the answer. No SQL, no pandas.
+
+No `from __future__ import annotations` here: the routes are defined inside factories, and
+FastAPI must evaluate their annotations (local `Annotated` aliases) where they are written.
+"""
+
+import json
+from datetime import datetime
+from typing import Annotated, Any, Protocol
+
+from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from jobsvc import formats
+from jobsvc.api.errors import JobsvcRoute
+from jobsvc.api.uploads import body_to_file, upload_to_file
+from jobsvc.errors import InvalidInput, MalformedRequest, NotAcceptable, UnsupportedMediaType
+from jobsvc.models import JobStatus
+from jobsvc.schemas import (
+    EventOut,
+    Health,
+    JobOut,
+    JobPage,
+    Problem,
+    SubmitJSON,
+    SubmitOptions,
+    TaskOut,
+)
+from jobsvc.service import JobService, JobSpec, Submitted
+from jobsvc.settings import Settings
+from jobsvc.tasks import registry
+
+
+class Runtime(Protocol):
+    """What the routes need from the running service (``jobsvc.app.JobQueue``)."""
+
+    settings: Settings
+
+    @property
+    def service(self) -> JobService: ...
+
+    async def wake(self) -> None: ...
+
+
+_EXTENSION_TYPES = {
+    ".csv": formats.CSV,
+    ".ndjson": formats.NDJSON,
+    ".jsonl": formats.NDJSON,
+    ".parquet": formats.PARQUET,
+    ".pq": formats.PARQUET,
+}
+_RESULT_TYPES = [formats.JSON_MEDIA, formats.CSV, formats.PARQUET]
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem} for code in (400, 404, 406, 409, 413, 415, 422, 503)
+}
+_SUBMIT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": SubmitJSON.model_json_schema()},
+            formats.CSV: {"schema": {"type": "string"}},
+            formats.NDJSON: {"schema": {"type": "string"}},
+            formats.PARQUET: {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "task": {"type": "string"},
+                        "params": {"type": "string", "description": "a JSON object"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+def _validation_errors(error: ValidationError, prefix: str) -> list[dict[str, Any]]:
+    return [
+        {"loc": [prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]}
+        for e in error.errors(include_url=False, include_context=False)
+    ]
+
+
+def choose_media_type(accept: str | None, offered: list[str]) -> str:
+    """The first of ``offered`` that the Accept header admits, by its q-values."""
+    if not accept:
+        return offered[0]
+    ranges: list[tuple[float, int, str]] = []
+    for position, part in enumerate(accept.split(",")):
+        media, *parameters = (piece.strip() for piece in part.split(";"))
+        quality = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if media and quality > 0:
+            ranges.append((-quality, position, formats.normalise_media_type(media)))
+    for _, _, media in sorted(ranges):
+        for candidate in offered:
+            kind = candidate.split("/")[0]
+            if media in (candidate, "*/*", f"{kind}/*"):
+                return candidate
+    raise NotAcceptable(f"the result is available as {', '.join(offered)}")
+
+
+def _parse_params(text: str | None) -> dict[str, Any]:
+    if text is None or text == "":
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise MalformedRequest(f"params is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise InvalidInput("params must be a JSON object")
+    return value
+
+
+def build_jobs_router(runtime: Runtime) -> APIRouter:
+    """The job routes, bound to one running service (so two apps never share state)."""
+    router = APIRouter(route_class=JobsvcRoute, tags=["jobs"], responses=_ERRORS)
+
+    def get_service() -> JobService:
+        return runtime.service
+
+    def get_owner() -> str:
+        return ""  # jobs of an open service belong to no one in particular
+
+    ServiceDep = Annotated[JobService, Depends(get_service)]
+    OwnerDep = Annotated[str, Depends(get_owner)]
+
+    def job_url(request: Request, job_id: str) -> str:
+        return request.url_for("jobsvc_get_job", job_id=job_id).path
+
+    def job_out(request: Request, row: Any) -> JobOut:
+        return JobOut.from_row(row, job_url(request, row.id))
+
+    async def submit_upload(
+        request: Request, service: JobService, owner: str, options: dict[str, Any]
+    ) -> Submitted:
+        media = formats.normalise_media_type(request.headers.get("content-type"))
+        if media == "multipart/form-data":
+            async with request.form(max_files=1, max_fields=10) as form:
+                upload = form.get("file")
+                if not isinstance(upload, UploadFile):
+                    raise InvalidInput("multipart upload needs the file in the field 'file'")
+                for name in ("task", "params"):
+                    value = form.get(name)
+                    if isinstance(value, str) and value:
+                        options[name] = value
+                media = _upload_media_type(upload)
+                spec = _spec(options, request)
+                async with upload_to_file(upload.file) as path:
+                    return await service.submit_file(spec, path, media, owner)
+        spec = _spec(options, request)
+        async with body_to_file(request, runtime.settings.max_upload_bytes) as path:
+            return await service.submit_file(spec, path, media, owner)
+
+    @router.post(
+        "",
+        status_code=202,
+        response_model=JobOut,
+        name="jobsvc_submit_job",
+        openapi_extra=_SUBMIT_BODY,
+        responses={200: {"model": JobOut, "description": "An earlier submit's job (same key)"}},
+    )
+    async def submit_job(
+        request: Request,
+        background_tasks: BackgroundTasks,
+        service: ServiceDep,
+        owner: OwnerDep,
+        idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+        task: Annotated[str | None, Query(description="The task, for a file upload.")] = None,
+        params: Annotated[
+            str | None, Query(description="A JSON object, for a file upload.")
+        ] = None,
+        priority: Annotated[int | None, Query()] = None,
+        max_attempts: Annotated[int | None, Query()] = None,
+        retry_delay: Annotated[float | None, Query()] = None,
+        run_at: Annotated[datetime | None, Query()] = None,
+    ) -> Response:
+        """Submit a job: JSON records, a CSV/NDJSON/Parquet body, or a multipart upload."""
+        media = formats.normalise_media_type(request.headers.get("content-type"))
+        if media == formats.JSON_MEDIA:
+            submitted = await _submit_json(request, service, owner, idempotency_key)
+        elif media in formats.UPLOAD_TYPES or media == "multipart/form-data":
+            options: dict[str, Any] = {
+                "task": task,
+                "params": params,
+                "priority": priority,
+                "max_attempts": max_attempts,
+                "retry_delay": retry_delay,
+                "run_at": run_at,
+                "idempotency_key": idempotency_key,
+            }
+            submitted = await submit_upload(request, service, owner, options)
+        else:
+            accepted = ", ".join(("application/json", *formats.UPLOAD_TYPES, "multipart/form-data"))
+            raise UnsupportedMediaType(
+                f"content type {media or '(none)'!r} is not accepted; use one of {accepted}"
+            )
+        body = job_out(request, submitted.job).model_dump(mode="json")
+        location = {"Location": job_url(request, submitted.job.id)}
+        if not submitted.created:
+            return JSONResponse(body, status_code=200, headers=location)
+        # Runs after the response is sent: the job row is already committed by then.
+        background_tasks.add_task(runtime.wake)
+        return JSONResponse(body, status_code=202, headers=location)
+
+    @router.get("", response_model=JobPage, name="jobsvc_list_jobs")
+    async def list_jobs(
+        request: Request,
+        service: ServiceDep,
+        owner: OwnerDep,
+        status: Annotated[list[JobStatus] | None, Query()] = None,
+        task: Annotated[str | None, Query(max_length=200)] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        cursor: Annotated[str | None, Query(max_length=64)] = None,
+    ) -> JobPage:
+        """Jobs, newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
+        rows, next_cursor = await service.list(
+            owner=owner, statuses=status or (), task=task, limit=limit, cursor=cursor
+        )
+        return JobPage(items=[job_out(request, row) for row in rows], next_cursor=next_cursor)
+
+    @router.get("/{job_id}", response_model=JobOut, name="jobsvc_get_job")
+    async def get_job(
+        request: Request, job_id: str, service: ServiceDep, owner: OwnerDep
+    ) -> JobOut:
+        """The job: status, attempts, times, progress, the latest error, the result link."""
+        return job_out(request, await service.get(job_id, owner))
+
+    @router.get("/{job_id}/events", response_model=list[EventOut], name="jobsvc_job_events")
+    async def job_events(job_id: str, service: ServiceDep, owner: OwnerDep) -> list[EventOut]:
+        """Every status the job entered, in order, with each attempt's error."""
+        return [EventOut.from_row(row) for row in await service.events(job_id, owner)]
+
+    @router.get(
+        "/{job_id}/result",
+        name="jobsvc_job_result",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {
+                    "application/json": {},
+                    formats.CSV: {},
+                    formats.PARQUET: {},
+                },
+                "description": "The result, in the format the Accept header asks for.",
+            }
+        },
+    )
+    async def job_result(
+        job_id: str,
+        service: ServiceDep,
+        owner: OwnerDep,
+        accept: Annotated[str | None, Header()] = None,
+    ) -> Response:
+        """The result of a succeeded job: JSON (default), CSV or Parquet by ``Accept``."""
+        stored = await service.result(job_id, owner)
+        offered = _RESULT_TYPES if stored.kind == "dataframe" else [formats.JSON_MEDIA]
+        media = choose_media_type(accept, offered)
+        content = await service.render_result(stored, media)
+        headers = {}
+        if media != formats.JSON_MEDIA:
+            extension = "csv" if media == formats.CSV else "parquet"
+            headers["Content-Disposition"] = f'attachment; filename="{job_id}.{extension}"'
+        return Response(content, media_type=media, headers=headers)
+
+    @router.post("/{job_id}/cancel", response_model=JobOut, name="jobsvc_cancel_job")
+    async def cancel_job(
+        request: Request, job_id: str, service: ServiceDep, owner: OwnerDep
+    ) -> JobOut:
+        """Cancel a queued, retrying or running job (a running attempt is stopped)."""
+        return job_out(request, await service.cancel(job_id, owner))
+
+    @router.post("/{job_id}/retry", response_model=JobOut, name="jobsvc_retry_job")
+    async def retry_job(
+        request: Request, job_id: str, service: ServiceDep, owner: OwnerDep
+    ) -> JobOut:
+        """Queue a failed or cancelled job again, with its attempts reset to 0."""
+        return job_out(request, await service.retry(job_id, owner))
+
+    return router
+
+
+def build_service_router(runtime: Runtime) -> APIRouter:
+    """``/tasks`` and ``/healthz``, for the standalone service."""
+    router = APIRouter(route_class=JobsvcRoute)
+
+    @router.get("/tasks", response_model=list[TaskOut], tags=["tasks"])
+    async def list_tasks() -> list[TaskOut]:
+        """The registered tasks, with the JSON Schema of each one's params."""
+        return [
+            TaskOut(
+                name=task.name,
+                description=task.description,
+                max_attempts=task.max_attempts,
+                timeout=task.timeout,
+                params_schema=task.params_schema(),
+            )
+            for task in registry.all()
+        ]
+
+    @router.get(
+        "/healthz",
+        response_model=Health,
+        tags=["health"],
+        responses={503: {"model": Health}},
+    )
+    async def healthz() -> JSONResponse:
+        """Liveness, and whether the database answers."""
+        try:
+            await runtime.service.health()
+        except Exception as error:
+            return JSONResponse(
+                {"status": "unavailable", "database": f"unreachable: {type(error).__name__}"},
+                status_code=503,
+            )
+        return JSONResponse({"status": "ok", "database": "ok"})
+
+    return router
+
+
+async def _submit_json(
+    request: Request, service: JobService, owner: str, idempotency_key: str | None
+) -> Submitted:
+    raw = await request.body()
+    try:
+        body = SubmitJSON.model_validate_json(raw)
+    except ValidationError as error:
+        problems = error.errors(include_url=False, include_context=False)
+        if any(problem["type"] == "json_invalid" for problem in problems):
+            raise MalformedRequest(f"the body is not valid JSON: {problems[0]['msg']}") from None
+        raise RequestValidationError(_validation_errors(error, "body")) from None
+    spec = JobSpec(
+        task=body.task,
+        params=body.params,
+        priority=body.priority,
+        max_attempts=body.max_attempts,
+        retry_delay=body.retry_delay,
+        run_at=body.run_at,
+        idempotency_key=idempotency_key,
+    )
+    return await service.submit_records(spec, body.data, owner)
+
+
+def _spec(options: dict[str, Any], request: Request) -> JobSpec:
+    values = {k: v for k, v in options.items() if v is not None and k != "idempotency_key"}
+    if "task" not in values:
+        raise InvalidInput("a file upload needs the task: ?task=NAME (or a 'task' form field)")
+    values["params"] = _parse_params(values.get("params"))
+    try:
+        checked = SubmitOptions.model_validate(values)
+    except ValidationError as error:
+        raise RequestValidationError(_validation_errors(error, "query")) from None
+    return JobSpec(
+        task=checked.task,
+        params=checked.params,
+        priority=checked.priority,
+        max_attempts=checked.max_attempts,
+        retry_delay=checked.retry_delay,
+        run_at=checked.run_at,
+        idempotency_key=options.get("idempotency_key"),
+    )
+
+
+def _upload_media_type(upload: UploadFile) -> str:
+    media = formats.normalise_media_type(upload.content_type)
+    if media in formats.UPLOAD_TYPES:
+        return media
+    name = (upload.filename or "").lower()
+    for extension, media_type in _EXTENSION_TYPES.items():
+        if name.endswith(extension):
+            return media_type
+    raise UnsupportedMediaType(
+        f"the uploaded file's type {media or '(none)'!r} is not accepted; "
+        f"use one of {', '.join(formats.UPLOAD_TYPES)}"
+    )
+
+
+__all__ = ["Runtime", "build_jobs_router", "build_service_router", "choose_media_type"]

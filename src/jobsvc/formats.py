@@ -1,0 +1,200 @@
+"""Turning bytes into DataFrames and back: uploads in, results out.
+
+Pure functions, and CPU-heavy ones: the service runs them in worker processes (the task
+workers, or the API's converter pool), never on the event loop. Inputs and results are stored
+as Parquet (columnar, compressed, typed); JSON records submitted inline are kept as JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobsvc.errors import InvalidData, TooLarge, UnsupportedMediaType
+from jobsvc.records import ResultData
+
+CSV = "text/csv"
+NDJSON = "application/x-ndjson"
+PARQUET = "application/vnd.apache.parquet"
+JSON_MEDIA = "application/json"
+UPLOAD_TYPES = (CSV, NDJSON, PARQUET)
+_ALIASES = {
+    "application/csv": CSV,
+    "application/jsonl": NDJSON,
+    "application/jsonlines": NDJSON,
+    "application/x-jsonlines": NDJSON,
+    "application/parquet": PARQUET,
+    "application/x-parquet": PARQUET,
+}
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP: CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def normalise_media_type(content_type: str | None) -> str:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return _ALIASES.get(media, media)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_rows: int
+    max_columns: int
+
+
+@dataclass(frozen=True)
+class ParsedUpload:
+    parquet: bytes
+    rows: int
+    columns: int
+    sha256: str
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_shape(rows: int, columns: int, limits: Limits) -> None:
+    if columns > limits.max_columns:
+        raise TooLarge(f"the data has {columns} columns; the limit is {limits.max_columns}")
+    if rows > limits.max_rows:
+        raise TooLarge(f"the data has {rows} rows; the limit is {limits.max_rows}")
+
+
+def _csv_header_width(path: Path) -> int:
+    # Count the header's columns before pandas allocates anything for them.
+    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+        header = handle.readline(8 * 1024 * 1024)
+    return len(next(csv.reader([header]), []))
+
+
+def frame_to_parquet(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def parse_upload(path: str, media_type: str, limits: Limits) -> ParsedUpload:
+    """Read an uploaded file, check it against the limits, and return it as Parquet."""
+    file = Path(path)
+    digest = _sha256_of(file)
+    if file.stat().st_size == 0:
+        raise InvalidData("the uploaded file is empty")
+    if media_type == PARQUET:
+        try:
+            metadata = pq.read_metadata(file)
+        except (pa.ArrowException, OSError) as error:
+            raise InvalidData(f"the body is not a readable Parquet file: {error}") from None
+        _check_shape(metadata.num_rows, metadata.num_columns, limits)
+        return ParsedUpload(file.read_bytes(), metadata.num_rows, metadata.num_columns, digest)
+    try:
+        if media_type == CSV:
+            width = _csv_header_width(file)
+            _check_shape(0, width, limits)
+            frame = pd.read_csv(file)
+        elif media_type == NDJSON:
+            frame = pd.read_json(file, lines=True)
+        else:
+            raise UnsupportedMediaType(
+                f"content type {media_type!r} is not accepted; use one of {', '.join(UPLOAD_TYPES)}"
+            )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise InvalidData(f"the CSV cannot be parsed: {_one_line(error)}") from None
+    except ValueError as error:
+        raise InvalidData(f"the NDJSON cannot be parsed: {_one_line(error)}") from None
+    _check_shape(len(frame), len(frame.columns), limits)
+    frame.columns = [str(column) for column in frame.columns]
+    return ParsedUpload(frame_to_parquet(frame), len(frame), len(frame.columns), digest)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+# --- in the task worker ---------------------------------------------------------------------
+
+
+def load_input(format: str, data: bytes | None) -> pd.DataFrame:
+    if data is None:
+        return pd.DataFrame()
+    if format == "parquet":
+        return pd.read_parquet(io.BytesIO(data))
+    if format == "json":
+        return pd.DataFrame.from_records(json.loads(data))
+    raise ValueError(f"unknown input format {format!r}")
+
+
+def encode_result(value: Any) -> ResultData:
+    """A task's return value as it is stored: Parquet, a JSON object, or nothing."""
+    if value is None:
+        return ResultData("none")
+    if isinstance(value, pd.Series):
+        value = value.to_frame()
+    if isinstance(value, pd.DataFrame):
+        frame = value.reset_index() if _has_meaningful_index(value) else value
+        frame.columns = [str(column) for column in frame.columns]
+        return ResultData("dataframe", data=frame_to_parquet(frame), rows=len(frame))
+    if isinstance(value, dict):
+        try:
+            # Round-trip to be sure the stored value is plain JSON (no NaN, no numpy types).
+            plain = json.loads(json.dumps(value, allow_nan=False, default=_json_default))
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"the task returned a dict that is not JSON: {error}") from None
+        return ResultData("json", value=plain)
+    raise TypeError(
+        f"the task returned {type(value).__name__}; a task returns a DataFrame, a dict or None"
+    )
+
+
+def _has_meaningful_index(frame: pd.DataFrame) -> bool:
+    index = frame.index
+    return not (isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        item = value.item()
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        return item
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# --- rendering results (the API's converter pool) ------------------------------------------
+
+
+def parquet_to_json(data: bytes) -> bytes:
+    """A stored DataFrame as a JSON list of records, the shape ``data`` has in a submit."""
+    frame = pd.read_parquet(io.BytesIO(data))
+    return frame.to_json(orient="records", date_format="iso").encode()
+
+
+def _neutralise(cell: Any) -> Any:
+    if isinstance(cell, str) and cell.startswith(_FORMULA_START):
+        return "'" + cell
+    return cell
+
+
+def parquet_to_csv(data: bytes) -> bytes:
+    """A stored DataFrame as CSV, with text cells that a spreadsheet would run defused."""
+    frame = pd.read_parquet(io.BytesIO(data))
+    frame.columns = [_neutralise(str(column)) for column in frame.columns]
+    for column in frame.columns:
+        if not pd.api.types.is_numeric_dtype(frame[column]):
+            frame[column] = frame[column].map(_neutralise)
+    return frame.to_csv(index=False).encode()

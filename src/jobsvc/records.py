@@ -1,0 +1,48 @@
+"""The values that cross layers: a new job, its input, an attempt's outcome.
+
+Plain frozen dataclasses with no dependencies, so the worker processes, the service and the
+repository all speak them without importing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class NewJob:
+    task: str
+    params: dict[str, Any]
+    max_attempts: int
+    retry_delay_seconds: float
+    priority: int = 0
+    timeout_seconds: float | None = None
+    run_at: datetime | None = None
+    owner: str = ""
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class InputData:
+    format: str  # 'json' or 'parquet'
+    data: bytes
+    rows: int
+    columns: int
+
+
+@dataclass(frozen=True)
+class AttemptError:
+    type: str
+    message: str
+    traceback: str | None = None
+
+
+@dataclass(frozen=True)
+class ResultData:
+    kind: str  # 'dataframe', 'json' or 'none'
+    data: bytes | None = None
+    value: dict[str, Any] | None = None
+    rows: int | None = None

@@ -1,0 +1,425 @@
+"""Every statement that touches the job tables.
+
+Callers pass a connection inside a transaction (``Database.write()``/``read()``); nothing here
+commits. Writes that belong to a running attempt are fenced: they match only while the job is
+``running`` under the same lease owner and attempt number, so a worker presumed dead that comes
+back late changes nothing. The claim is one statement: an ``UPDATE`` of the first due job,
+selected ``FOR UPDATE SKIP LOCKED`` where the database has it (PostgreSQL); on SQLite the
+``BEGIN IMMEDIATE`` transaction already holds the only write lock.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Collection, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Row, and_, func, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from jobsvc.models import WAITING, JobStatus, job_events, job_inputs, job_results, jobs
+from jobsvc.records import AttemptError, InputData, NewJob, ResultData
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_job_id() -> str:
+    """A UUIDv7 string: time-ordered, so ``ORDER BY id`` is the order of creation."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    hex_ = f"{value:032x}"
+    return f"{hex_[:8]}-{hex_[8:12]}-{hex_[12:16]}-{hex_[16:20]}-{hex_[20:]}"
+
+
+def new_worker_id(host: str) -> str:
+    """Unique per process start: host, pid, and a random token so a reused pid never matches."""
+    return f"{host}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+JobRow = Row[Any]
+
+
+async def add_event(
+    conn: AsyncConnection,
+    job_id: str,
+    status: str,
+    attempt: int,
+    at: datetime,
+    *,
+    worker: str | None = None,
+    error: AttemptError | None = None,
+) -> None:
+    await conn.execute(
+        insert(job_events).values(
+            job_id=job_id,
+            at=at,
+            status=status,
+            attempt=attempt,
+            worker=worker,
+            error_type=error.type if error else None,
+            error_message=error.message if error else None,
+            error_traceback=error.traceback if error else None,
+        )
+    )
+
+
+def _error_columns(error: AttemptError | None) -> dict[str, Any]:
+    return {
+        "error_type": error.type if error else None,
+        "error_message": error.message if error else None,
+        "error_traceback": error.traceback if error else None,
+    }
+
+
+_NO_LEASE = {"lease_owner": None, "lease_expires_at": None}
+
+
+# --- submit and read -------------------------------------------------------------------------
+
+
+async def insert_job(
+    conn: AsyncConnection, job: NewJob, data: InputData | None, now: datetime
+) -> JobRow:
+    job_id = new_job_id()
+    row = (
+        await conn.execute(
+            insert(jobs)
+            .values(
+                id=job_id,
+                owner=job.owner,
+                task=job.task,
+                status=JobStatus.QUEUED,
+                priority=job.priority,
+                params=job.params,
+                attempts=0,
+                max_attempts=job.max_attempts,
+                timeout_seconds=job.timeout_seconds,
+                retry_delay_seconds=job.retry_delay_seconds,
+                run_at=job.run_at or now,
+                created_at=now,
+                updated_at=now,
+                idempotency_key=job.idempotency_key,
+                request_hash=job.request_hash,
+            )
+            .returning(*jobs.c)
+        )
+    ).one()
+    if data is not None:
+        await conn.execute(
+            insert(job_inputs).values(
+                job_id=job_id,
+                format=data.format,
+                data=data.data,
+                rows=data.rows,
+                columns=data.columns,
+                size_bytes=len(data.data),
+            )
+        )
+    await add_event(conn, job_id, JobStatus.QUEUED, 0, now)
+    return row
+
+
+async def get_job(conn: AsyncConnection, job_id: str, owner: str | None = None) -> JobRow | None:
+    """The job; with ``owner``, only if it belongs to that owner."""
+    query = select(jobs).where(jobs.c.id == job_id)
+    if owner is not None:
+        query = query.where(jobs.c.owner == owner)
+    return (await conn.execute(query)).first()
+
+
+async def find_by_idempotency_key(conn: AsyncConnection, owner: str, key: str) -> JobRow | None:
+    query = select(jobs).where(jobs.c.owner == owner, jobs.c.idempotency_key == key)
+    return (await conn.execute(query)).first()
+
+
+async def list_jobs(
+    conn: AsyncConnection,
+    *,
+    owner: str | None,
+    statuses: Collection[str] = (),
+    task: str | None = None,
+    limit: int = 50,
+    before_id: str | None = None,
+) -> Sequence[JobRow]:
+    """Newest first. Ids are time-ordered, so the cursor is simply the last id seen."""
+    query = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+    if owner is not None:
+        query = query.where(jobs.c.owner == owner)
+    if statuses:
+        query = query.where(jobs.c.status.in_(statuses))
+    if task is not None:
+        query = query.where(jobs.c.task == task)
+    if before_id is not None:
+        query = query.where(jobs.c.id < before_id)
+    return (await conn.execute(query)).all()
+
+
+async def list_events(conn: AsyncConnection, job_id: str) -> Sequence[JobRow]:
+    query = select(job_events).where(job_events.c.job_id == job_id).order_by(job_events.c.id)
+    return (await conn.execute(query)).all()
+
+
+async def get_input(conn: AsyncConnection, job_id: str) -> JobRow | None:
+    query = select(job_inputs).where(job_inputs.c.job_id == job_id)
+    return (await conn.execute(query)).first()
+
+
+async def get_result(conn: AsyncConnection, job_id: str) -> JobRow | None:
+    query = select(job_results).where(job_results.c.job_id == job_id)
+    return (await conn.execute(query)).first()
+
+
+# --- state changes requested by users --------------------------------------------------------
+
+
+async def transition(
+    conn: AsyncConnection,
+    job_id: str,
+    *,
+    owner: str | None,
+    allowed_from: Collection[str],
+    status: str,
+    now: datetime,
+    values: dict[str, Any] | None = None,
+) -> JobRow | None:
+    """Move the job to ``status`` if it is in one of ``allowed_from``; the new row, or None."""
+    query = (
+        update(jobs)
+        .where(jobs.c.id == job_id, jobs.c.status.in_(allowed_from))
+        .values(status=status, updated_at=now, **(values or {}))
+        .returning(*jobs.c)
+    )
+    if owner is not None:
+        query = query.where(jobs.c.owner == owner)
+    row = (await conn.execute(query)).first()
+    if row is not None:
+        await add_event(conn, job_id, status, row.attempts, now)
+    return row
+
+
+# --- the runner's side: claim, heartbeat, progress, finish ---------------------------------
+
+
+async def claim_next(
+    conn: AsyncConnection, worker: str, now: datetime, lease_until: datetime
+) -> JobRow | None:
+    """Take the first due job (by priority, then due time) and start an attempt of it."""
+    candidate = (
+        select(jobs.c.id)
+        .where(jobs.c.status.in_(WAITING), jobs.c.run_at <= now)
+        .order_by(jobs.c.priority, jobs.c.run_at, jobs.c.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    row = (
+        await conn.execute(
+            update(jobs)
+            .where(jobs.c.id == candidate, jobs.c.status.in_(WAITING))
+            .values(
+                status=JobStatus.RUNNING,
+                attempts=jobs.c.attempts + 1,
+                lease_owner=worker,
+                lease_expires_at=lease_until,
+                started_at=now,
+                updated_at=now,
+                progress=None,
+            )
+            .returning(*jobs.c)
+        )
+    ).first()
+    if row is not None:
+        await add_event(conn, row.id, JobStatus.RUNNING, row.attempts, now, worker=worker)
+    return row
+
+
+def _held_by(job_id: str, worker: str, attempt: int) -> Any:
+    """The fence: the job is running this attempt under this worker's lease."""
+    return and_(
+        jobs.c.id == job_id,
+        jobs.c.status == JobStatus.RUNNING,
+        jobs.c.lease_owner == worker,
+        jobs.c.attempts == attempt,
+    )
+
+
+async def renew_lease(
+    conn: AsyncConnection, job_id: str, worker: str, attempt: int, lease_until: datetime
+) -> bool:
+    """Extend the lease; False when the attempt no longer holds it (cancelled, taken over)."""
+    result = await conn.execute(
+        update(jobs).where(_held_by(job_id, worker, attempt)).values(lease_expires_at=lease_until)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+
+async def save_progress(
+    conn: AsyncConnection, job_id: str, worker: str, attempt: int, progress: float, now: datetime
+) -> bool:
+    result = await conn.execute(
+        update(jobs)
+        .where(_held_by(job_id, worker, attempt))
+        .values(progress=progress, updated_at=now)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+
+async def finish_succeeded(
+    conn: AsyncConnection,
+    job_id: str,
+    worker: str,
+    attempt: int,
+    result: ResultData,
+    now: datetime,
+) -> bool:
+    """Store the result and the status change together, once; False if the fence failed."""
+    changed = await conn.execute(
+        update(jobs)
+        .where(_held_by(job_id, worker, attempt))
+        .values(
+            status=JobStatus.SUCCEEDED, finished_at=now, updated_at=now, progress=1.0, **_NO_LEASE
+        )
+    )
+    if changed.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    await conn.execute(
+        insert(job_results).values(
+            job_id=job_id,
+            attempt=attempt,
+            kind=result.kind,
+            data=result.data,
+            value=result.value,
+            rows=result.rows,
+            created_at=now,
+        )
+    )
+    await add_event(conn, job_id, JobStatus.SUCCEEDED, attempt, now, worker=worker)
+    return True
+
+
+async def finish_failed_attempt(
+    conn: AsyncConnection,
+    job_id: str,
+    worker: str,
+    attempt: int,
+    error: AttemptError,
+    now: datetime,
+    retry_at: datetime | None,
+) -> bool:
+    """Record a failed attempt: ``retrying`` until ``retry_at``, or ``failed`` when None."""
+    status = JobStatus.RETRYING if retry_at is not None else JobStatus.FAILED
+    values: dict[str, Any] = {"status": status, "updated_at": now, **_error_columns(error)}
+    values |= _NO_LEASE
+    if retry_at is not None:
+        values["run_at"] = retry_at
+    else:
+        values["finished_at"] = now
+    changed = await conn.execute(
+        update(jobs).where(_held_by(job_id, worker, attempt)).values(values)
+    )
+    if changed.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    await add_event(conn, job_id, status, attempt, now, worker=worker, error=error)
+    return True
+
+
+async def release(
+    conn: AsyncConnection, job_id: str, worker: str, attempt: int, now: datetime
+) -> bool:
+    """Hand a running job back to the queue without counting its attempt (graceful stop)."""
+    changed = await conn.execute(
+        update(jobs)
+        .where(_held_by(job_id, worker, attempt))
+        .values(
+            status=JobStatus.QUEUED,
+            attempts=jobs.c.attempts - 1,
+            run_at=now,
+            updated_at=now,
+            progress=None,
+            **_NO_LEASE,
+        )
+    )
+    if changed.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    await add_event(conn, job_id, JobStatus.QUEUED, attempt - 1, now, worker=worker)
+    return True
+
+
+async def running_lease_owners(conn: AsyncConnection) -> set[str]:
+    query = select(jobs.c.lease_owner).where(jobs.c.status == JobStatus.RUNNING).distinct()
+    return {owner for (owner,) in (await conn.execute(query)).all() if owner}
+
+
+async def reclaim_lost(
+    conn: AsyncConnection, now: datetime, dead_owners: Collection[str] = ()
+) -> list[tuple[str, str]]:
+    """Running jobs whose lease expired, or whose owner is known dead, lost their attempt.
+
+    Each goes back to the queue while attempts remain, else ends ``failed`` with
+    ``WorkerLost``. Returns ``(job_id, new status)`` for each.
+    """
+    lost = or_(jobs.c.lease_expires_at < now, jobs.c.lease_owner.in_(list(dead_owners)))
+    query = (
+        select(jobs.c.id, jobs.c.lease_owner, jobs.c.attempts, jobs.c.max_attempts)
+        .where(jobs.c.status == JobStatus.RUNNING, lost)
+        .with_for_update(skip_locked=True)
+    )
+    changed: list[tuple[str, str]] = []
+    for job_id, owner, attempts, max_attempts in (await conn.execute(query)).all():
+        exhausted = attempts >= max_attempts
+        error = AttemptError(
+            type="WorkerLost",
+            message=(
+                f"attempt {attempts} of {max_attempts} was cut off: its worker ({owner}) "
+                "stopped without finishing it (crash, kill or lost lease)"
+                + ("; no attempts remain" if exhausted else "; the job was queued again")
+            ),
+        )
+        if exhausted:
+            ok = await finish_failed_attempt(conn, job_id, owner, attempts, error, now, None)
+            status = JobStatus.FAILED
+        else:
+            values = {
+                "status": JobStatus.QUEUED,
+                "run_at": now,
+                "updated_at": now,
+                "progress": None,
+                **_error_columns(error),
+                **_NO_LEASE,
+            }
+            result = await conn.execute(
+                update(jobs).where(_held_by(job_id, owner, attempts)).values(values)
+            )
+            ok = result.rowcount == 1  # type: ignore[attr-defined]
+            if ok:
+                await add_event(conn, job_id, JobStatus.QUEUED, attempts, now, error=error)
+            status = JobStatus.QUEUED
+        if ok:
+            changed.append((job_id, status))
+    return changed
+
+
+async def next_due_at(conn: AsyncConnection) -> datetime | None:
+    """When the earliest waiting job becomes due (it may be now, or in the past)."""
+    query = select(func.min(jobs.c.run_at)).where(jobs.c.status.in_(WAITING))
+    value: datetime | None = (await conn.execute(query)).scalar()
+    if value is not None and value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value
+
+
+async def release_all(conn: AsyncConnection, worker: str, now: datetime) -> int:
+    """Hand back every job ``worker`` still runs, uncounted (the end of a graceful stop)."""
+    query = select(jobs.c.id, jobs.c.attempts).where(
+        jobs.c.status == JobStatus.RUNNING, jobs.c.lease_owner == worker
+    )
+    released = 0
+    for job_id, attempts in (await conn.execute(query)).all():
+        released += await release(conn, job_id, worker, attempts, now)
+    return released

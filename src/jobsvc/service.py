@@ -1,0 +1,317 @@
+"""The use cases: submit, read, list, cancel, retry, fetch a result.
+
+The service owns the transactions and the rules of the job vocabulary (which states may be
+cancelled or retried); the repository only runs statements. CPU work on user data (parsing an
+upload, rendering a result) goes to the converter pool, a process pool, never the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+
+from jobsvc import formats
+from jobsvc import repository as repo
+from jobsvc.db import Database
+from jobsvc.errors import (
+    Conflict,
+    IdempotencyConflict,
+    InvalidParams,
+    NotAcceptable,
+    NotFound,
+    TooLarge,
+    UnknownTask,
+)
+from jobsvc.models import CANCELLABLE, RETRYABLE, TERMINAL, JobStatus
+from jobsvc.records import InputData, NewJob
+from jobsvc.settings import Settings
+from jobsvc.tasks import registry
+from jobsvc.worker import Dispatcher
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a submit asks for, before it is checked against the task."""
+
+    task: str
+    params: dict[str, Any]
+    priority: int = 0
+    max_attempts: int | None = None
+    retry_delay: float | None = None
+    run_at: datetime | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: repo.JobRow
+    created: bool  # False when an Idempotency-Key matched an earlier submit
+
+
+def request_hash(spec: JobSpec, data_digest: str) -> str:
+    """What an Idempotency-Key is bound to: the task, its options and the data."""
+    canonical = json.dumps(
+        {
+            "task": spec.task,
+            "params": spec.params,
+            "priority": spec.priority,
+            "max_attempts": spec.max_attempts,
+            "retry_delay": spec.retry_delay,
+            "run_at": spec.run_at.isoformat() if spec.run_at else None,
+            "data": data_digest,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class JobService:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        converter: Executor,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.converter = converter
+        self.dispatcher = dispatcher
+        self.limits = formats.Limits(max_rows=settings.max_rows, max_columns=settings.max_columns)
+
+    async def _convert(self, func: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.converter, func, *args)
+
+    # --- submit ------------------------------------------------------------------------------
+
+    def _new_job(self, spec: JobSpec, owner: str, digest: str) -> NewJob:
+        task = registry.get(spec.task)
+        if task is None:
+            known = ", ".join(t.name for t in registry.all())
+            raise UnknownTask(f"no task named {spec.task!r}; registered tasks: {known}")
+        try:
+            params = task.validate_params(spec.params)
+        except ValidationError as error:
+            raise InvalidParams(
+                f"params do not fit task {spec.task!r}",
+                detail=[
+                    {
+                        "loc": ["params", *err["loc"]],
+                        "msg": err["msg"],
+                        "type": err["type"],
+                    }
+                    for err in error.errors(include_url=False, include_context=False)
+                ],
+            ) from None
+        return NewJob(
+            task=task.name,
+            params=params,
+            max_attempts=spec.max_attempts
+            or task.max_attempts
+            or self.settings.default_max_attempts,
+            retry_delay_seconds=(
+                spec.retry_delay
+                if spec.retry_delay is not None
+                else task.retry_delay
+                if task.retry_delay is not None
+                else self.settings.retry_base_seconds
+            ),
+            priority=spec.priority,
+            timeout_seconds=task.timeout,
+            run_at=spec.run_at,
+            owner=owner,
+            idempotency_key=spec.idempotency_key,
+            request_hash=request_hash(spec, digest) if spec.idempotency_key else None,
+        )
+
+    async def submit_records(
+        self, spec: JobSpec, records: list[dict[str, Any]], owner: str = ""
+    ) -> Submitted:
+        payload = json.dumps(records, separators=(",", ":"), default=str).encode()
+        columns = max((len(record) for record in records), default=0)
+        if len(records) > self.limits.max_rows:
+            raise TooLarge(f"data has {len(records)} rows; the limit is {self.limits.max_rows}")
+        if columns > self.limits.max_columns:
+            raise TooLarge(f"data has {columns} columns; the limit is {self.limits.max_columns}")
+        digest = hashlib.sha256(payload).hexdigest() if spec.idempotency_key else ""
+        job = self._new_job(spec, owner, digest)
+        return await self._insert(job, InputData("json", payload, len(records), columns))
+
+    async def submit_file(
+        self, spec: JobSpec, path: str, media_type: str, owner: str = ""
+    ) -> Submitted:
+        # Check the task and params first: a bad submit costs no parsing.
+        self._new_job(spec, owner, "")
+        parsed: formats.ParsedUpload = await self._convert(
+            formats.parse_upload, path, media_type, self.limits
+        )
+        job = self._new_job(spec, owner, parsed.sha256)
+        return await self._insert(
+            job, InputData("parquet", parsed.parquet, parsed.rows, parsed.columns)
+        )
+
+    async def _insert(self, job: NewJob, data: InputData) -> Submitted:
+        try:
+            async with self.db.write() as conn:
+                if job.idempotency_key is not None:
+                    earlier = await repo.find_by_idempotency_key(
+                        conn, job.owner, job.idempotency_key
+                    )
+                    if earlier is not None:
+                        return self._replay(earlier, job)
+                row = await repo.insert_job(conn, job, data, repo.utcnow())
+        except IntegrityError:
+            # Two submits with one key raced (possible on PostgreSQL): the loser replays.
+            if job.idempotency_key is None:
+                raise
+            async with self.db.read() as conn:
+                earlier = await repo.find_by_idempotency_key(conn, job.owner, job.idempotency_key)
+            if earlier is None:
+                raise
+            return self._replay(earlier, job)
+        return Submitted(row, created=True)
+
+    @staticmethod
+    def _replay(earlier: repo.JobRow, job: NewJob) -> Submitted:
+        if earlier.request_hash != job.request_hash:
+            raise IdempotencyConflict(
+                f"Idempotency-Key {job.idempotency_key!r} was used for a different request "
+                f"(job {earlier.id})"
+            )
+        return Submitted(earlier, created=False)
+
+    # --- read --------------------------------------------------------------------------------
+
+    async def get(self, job_id: str, owner: str | None = None) -> repo.JobRow:
+        async with self.db.read() as conn:
+            row = await repo.get_job(conn, job_id, owner)
+        if row is None:
+            raise NotFound(f"no job {job_id!r}")
+        return row
+
+    async def list(
+        self,
+        *,
+        owner: str | None = None,
+        statuses: Sequence[str] = (),
+        task: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[Sequence[repo.JobRow], str | None]:
+        """A page of jobs, newest first, and the cursor of the next page (None at the end)."""
+        async with self.db.read() as conn:
+            rows = await repo.list_jobs(
+                conn, owner=owner, statuses=statuses, task=task, limit=limit + 1, before_id=cursor
+            )
+        if len(rows) > limit:
+            return rows[:limit], rows[limit - 1].id
+        return rows, None
+
+    async def events(self, job_id: str, owner: str | None = None) -> Sequence[repo.JobRow]:
+        async with self.db.read() as conn:
+            if await repo.get_job(conn, job_id, owner) is None:
+                raise NotFound(f"no job {job_id!r}")
+            return await repo.list_events(conn, job_id)
+
+    async def result(self, job_id: str, owner: str | None = None) -> repo.JobRow:
+        """The stored result of a succeeded job; ``Conflict`` while it has none."""
+        job = await self.get(job_id, owner)
+        if job.status != JobStatus.SUCCEEDED:
+            raise Conflict(f"job {job_id} is {job.status}; a result exists once it has succeeded")
+        async with self.db.read() as conn:
+            stored = await repo.get_result(conn, job_id)
+        if stored is None:  # only if someone deleted the row by hand
+            raise NotFound(f"the result of job {job_id} is missing")
+        return stored
+
+    async def render_result(self, stored: repo.JobRow, media_type: str) -> bytes:
+        if stored.kind == "json":
+            if media_type != formats.JSON_MEDIA:
+                raise NotAcceptable("this job's result is a JSON object; only application/json")
+            return json.dumps(stored.value).encode()
+        if stored.kind == "none":
+            if media_type != formats.JSON_MEDIA:
+                raise NotAcceptable("this job has no result data; only application/json")
+            return b"null"
+        if media_type == formats.PARQUET:
+            data: bytes = stored.data
+            return data
+        render = formats.parquet_to_csv if media_type == formats.CSV else formats.parquet_to_json
+        rendered: bytes = await self._convert(render, stored.data)
+        return rendered
+
+    # --- change ------------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str, owner: str | None = None) -> repo.JobRow:
+        now = repo.utcnow()
+        async with self.db.write() as conn:
+            row = await repo.transition(
+                conn,
+                job_id,
+                owner=owner,
+                allowed_from=CANCELLABLE,
+                status=JobStatus.CANCELLED,
+                now=now,
+                values={"finished_at": now, "lease_owner": None, "lease_expires_at": None},
+            )
+            if row is None:
+                await self._explain_refusal(conn, job_id, owner, "cancelled", CANCELLABLE)
+        # A running attempt here stops now; one on another instance stops at its next
+        # heartbeat, and its late writes are fenced off either way.
+        if self.dispatcher is not None:
+            self.dispatcher.abort(job_id)
+        assert row is not None
+        return row
+
+    async def retry(self, job_id: str, owner: str | None = None) -> repo.JobRow:
+        now = repo.utcnow()
+        async with self.db.write() as conn:
+            row = await repo.transition(
+                conn,
+                job_id,
+                owner=owner,
+                allowed_from=RETRYABLE,
+                status=JobStatus.QUEUED,
+                now=now,
+                values={
+                    "attempts": 0,
+                    "run_at": now,
+                    "finished_at": None,
+                    "progress": None,
+                    "error_type": None,
+                    "error_message": None,
+                    "error_traceback": None,
+                },
+            )
+            if row is None:
+                await self._explain_refusal(conn, job_id, owner, "retried", RETRYABLE)
+        if self.dispatcher is not None:
+            self.dispatcher.notify()
+        assert row is not None
+        return row
+
+    @staticmethod
+    async def _explain_refusal(
+        conn: Any, job_id: str, owner: str | None, verb: str, allowed: frozenset[str]
+    ) -> None:
+        current = await repo.get_job(conn, job_id, owner)
+        if current is None:
+            raise NotFound(f"no job {job_id!r}")
+        states = ", ".join(sorted(allowed))
+        terminal = " (it has finished)" if current.status in TERMINAL else ""
+        raise Conflict(
+            f"job {job_id} is {current.status}{terminal}; only {states} jobs can be {verb}"
+        )
+
+    async def health(self) -> None:
+        await self.db.ping()

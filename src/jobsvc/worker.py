@@ -1,0 +1,394 @@
+"""The runner: claims due jobs and runs them in worker processes.
+
+A ``Dispatcher`` owns ``JOBSVC_WORKERS`` long-lived worker processes (forked from a server
+process that has pandas imported, so a replacement starts in milliseconds). Its claim loop
+waits for an idle process, claims the next due job in one statement, and hands it over. While
+the attempt runs, a heartbeat renews the job's lease; when it ends, the outcome (result,
+error, retry or failure) is written in one fenced transaction. The loop sleeps until it is
+woken (a submit's background task, a retry coming due) or until ``poll_seconds`` pass, which
+is how it sees work submitted by other processes.
+
+What can go wrong with a worker process, and what the job's record says:
+- the task raises: its exception type, message and traceback;
+- it runs past its timeout: the process is killed, ``TimeoutError``;
+- the process dies (segfault, out of memory, ``kill -9``): ``WorkerLost`` with the exit status;
+- the whole service dies: the lease expires (or, on the same host, the owner's pid is gone)
+  and any instance's sweep puts the job back with ``WorkerLost``.
+Every one of them is a counted attempt; the job retries with backoff until ``max_attempts``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import random
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from multiprocessing.context import BaseContext
+
+from jobsvc import repository as repo
+from jobsvc import worker_process
+from jobsvc.db import Database
+from jobsvc.errors import StorageUnavailable
+from jobsvc.records import AttemptError, ResultData
+from jobsvc.settings import Settings
+
+log = logging.getLogger("jobsvc.worker")
+
+# Worker processes yield the CPU to the API process: a slow job should never slow a request.
+WORKER_NICENESS = 10
+# Dispatchers alive in this process, so a sweep can tell a previous incarnation (dead) from a
+# sibling (another app in the same process) when both carry this process's pid.
+_LIVE_WORKER_IDS: set[str] = set()
+
+
+def process_context() -> BaseContext:
+    """The multiprocessing context for every process jobsvc starts.
+
+    A forkserver: the service process has threads (the event loop's helpers, the database
+    driver's), which a plain fork would copy in an unknown state. The server preloads the
+    worker module, so pandas is imported once and every worker is a cheap fork of it.
+    """
+    for name, value in worker_process.THREAD_LIMITS.items():
+        # Set before the fork server starts, so its imports and every worker see them.
+        os.environ.setdefault(name, value)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["jobsvc.worker_process"])
+    return context
+
+
+def retry_delay(base_seconds: float, attempt: int, cap_seconds: float) -> float:
+    """Exponential backoff with jitter: about base, 2×base, 4×base, … never above the cap."""
+    delay = min(cap_seconds, base_seconds * 2 ** max(0, attempt - 1))
+    return delay / 2 + random.uniform(0, delay / 2)  # noqa: S311 - jitter, not security
+
+
+def describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "its worker process stopped answering"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (out of memory?)" if -exitcode == signal.SIGKILL else ""
+        return f"its worker process was killed by {name}{hint}"
+    return f"its worker process exited with status {exitcode}"
+
+
+class WorkerProcess:
+    """One worker process and the pipe to it."""
+
+    def __init__(self, context: BaseContext, settings: Settings) -> None:
+        parent_end, child_end = context.Pipe()
+        self.process = context.Process(  # type: ignore[attr-defined]
+            target=worker_process.main,
+            args=(child_end, settings.task_modules, WORKER_NICENESS),
+            name="jobsvc-worker",
+            daemon=True,
+        )
+        self.process.start()
+        child_end.close()  # so a dead child shows as end-of-file on our side
+        self.conn = parent_end
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.process.is_alive())
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            self.process.kill()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+        self.process.join(timeout=2)
+        if self.process.is_alive():
+            self.kill()
+            self.process.join(timeout=2)
+        self.conn.close()
+
+    async def run(
+        self,
+        request: worker_process.RunRequest,
+        threads: ThreadPoolExecutor,
+        on_progress: Callable[[float], Awaitable[None]],
+        timeout: float | None,
+    ) -> ResultData | AttemptError:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(threads, self.conn.send, request)
+            async with asyncio.timeout(timeout):
+                while True:
+                    # The pipe is read in a thread: a large result must not stall the loop.
+                    kind, payload = await loop.run_in_executor(threads, self.conn.recv)
+                    if kind == "progress":
+                        await on_progress(payload)
+                        continue
+                    outcome: ResultData | AttemptError = payload
+                    return outcome
+        except TimeoutError:
+            self.kill()
+            return AttemptError(
+                "TimeoutError",
+                f"the task ran longer than its {timeout:g} s timeout; its worker process was "
+                "stopped",
+            )
+        except (EOFError, OSError):
+            await loop.run_in_executor(threads, self.process.join, 5)
+            return AttemptError("WorkerLost", describe_exit(self.process.exitcode))
+
+
+@dataclass
+class Attempt:
+    job_id: str
+    number: int
+    process: WorkerProcess
+    aborted: bool = False
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, db: Database, *, host: str | None = None) -> None:
+        self.settings = settings
+        self.db = db
+        self.host = host or socket.gethostname()
+        self.worker_id = repo.new_worker_id(self.host)
+        self.running: dict[str, Attempt] = {}
+        self._wake = asyncio.Event()
+        self._idle: asyncio.Queue[WorkerProcess] = asyncio.Queue()
+        self._processes: list[WorkerProcess] = []
+        self._threads = ThreadPoolExecutor(
+            max_workers=2 * settings.workers + 2, thread_name_prefix="jobsvc-pipe"
+        )
+        self._context = process_context()
+        self._loops: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        _LIVE_WORKER_IDS.add(self.worker_id)
+        for _ in range(self.settings.workers):
+            self._idle.put_nowait(await self._spawn())
+        await self.recover()
+        self._loops = [
+            asyncio.create_task(self._claim_loop(), name="jobsvc-claim"),
+            asyncio.create_task(self._sweep_loop(), name="jobsvc-sweep"),
+        ]
+        log.info("dispatcher %s started with %d workers", self.worker_id, self.settings.workers)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop claiming; give running attempts ``grace`` seconds, then hand them back."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        self._stopping = True
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        pending = [a.task for a in self.running.values() if a.task is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=grace)
+        for attempt in list(self.running.values()):
+            self.abort(attempt.job_id)
+        remaining = [a.task for a in self.running.values() if a.task is not None]
+        if remaining:
+            await asyncio.wait(remaining, timeout=10)
+        # Whatever this dispatcher still holds goes back to the queue, uncounted, at once.
+        with contextlib.suppress(StorageUnavailable):
+            async with self.db.write() as conn:
+                released = await repo.release_all(conn, self.worker_id, repo.utcnow())
+            if released:
+                log.info("handed %d running jobs back to the queue", released)
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(
+            *(loop.run_in_executor(self._threads, p.close) for p in self._processes)
+        )
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        _LIVE_WORKER_IDS.discard(self.worker_id)
+
+    def notify(self) -> None:
+        """There may be new work: look now instead of at the next poll."""
+        self._wake.set()
+
+    async def wake(self) -> None:
+        """``notify`` as a coroutine, for ``BackgroundTasks`` (which runs plain functions in a
+        thread, where an ``asyncio.Event`` must not be touched)."""
+        self.notify()
+
+    def abort(self, job_id: str) -> bool:
+        """Stop a running attempt here now (its job was cancelled, or is no longer ours)."""
+        attempt = self.running.get(job_id)
+        if attempt is None:
+            return False
+        attempt.aborted = True
+        attempt.process.kill()
+        return True
+
+    # --- recovery ----------------------------------------------------------------------------
+
+    def _owner_is_dead(self, owner: str) -> bool:
+        host, _, rest = owner.partition(":")
+        pid_text = rest.partition(":")[0]
+        if host != self.host or not pid_text.isdigit():
+            return False  # another machine's: only its lease expiry can tell
+        pid = int(pid_text)
+        if pid == os.getpid():
+            return owner not in _LIVE_WORKER_IDS
+        return not _pid_alive(pid)
+
+    async def recover(self) -> list[tuple[str, str]]:
+        """Put back the jobs of workers that are gone: dead processes here, expired leases."""
+        async with self.db.write() as conn:
+            owners = await repo.running_lease_owners(conn)
+            dead = [owner for owner in owners if self._owner_is_dead(owner)]
+            changed = await repo.reclaim_lost(conn, repo.utcnow(), dead)
+        for job_id, status in changed:
+            log.warning("job %s lost its worker; now %s", job_id, status)
+        if changed:
+            self.notify()
+        return changed
+
+    async def _sweep_loop(self) -> None:
+        interval = max(0.5, self.settings.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.recover()
+            except Exception:
+                log.exception("sweep failed; trying again in %.1f s", interval)
+
+    # --- claiming and running ------------------------------------------------------------------
+
+    async def _spawn(self) -> WorkerProcess:
+        loop = asyncio.get_running_loop()
+        process = await loop.run_in_executor(
+            self._threads, WorkerProcess, self._context, self.settings
+        )
+        self._processes.append(process)
+        return process
+
+    async def _claim(self) -> repo.JobRow | None:
+        now = repo.utcnow()
+        lease_until = now + timedelta(seconds=self.settings.lease_seconds)
+        async with self.db.write() as conn:
+            return await repo.claim_next(conn, self.worker_id, now, lease_until)
+
+    async def _claim_loop(self) -> None:
+        while not self._stopping:
+            process = await self._idle.get()
+            self._wake.clear()
+            try:
+                job = await self._claim()
+            except Exception:
+                log.exception("claiming a job failed; trying again shortly")
+                job = None
+            if job is None:
+                self._idle.put_nowait(process)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
+                continue
+            attempt = Attempt(job.id, job.attempts, process)
+            self.running[job.id] = attempt
+            attempt.task = asyncio.create_task(self._run(attempt, job), name=f"job-{job.id}")
+
+    async def _run(self, attempt: Attempt, job: repo.JobRow) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(attempt))
+        try:
+            outcome = await self._execute(attempt, job)
+            if not attempt.aborted:
+                await self._record(job, outcome)
+        except Exception:
+            # The job keeps its lease; when the lease expires a sweep retries it.
+            log.exception("job %s attempt %d: recording its outcome failed", job.id, job.attempts)
+        finally:
+            heartbeat.cancel()
+            self.running.pop(job.id, None)
+            process = attempt.process
+            if not process.alive and not self._stopping:
+                self._processes.remove(process)
+                process = await self._spawn()
+            self._idle.put_nowait(process)
+
+    async def _execute(self, attempt: Attempt, job: repo.JobRow) -> ResultData | AttemptError:
+        async with self.db.read() as conn:
+            stored = await repo.get_input(conn, job.id)
+        request = worker_process.RunRequest(
+            job_id=job.id,
+            attempt=job.attempts,
+            task=job.task,
+            params=job.params,
+            input_format=stored.format if stored else "json",
+            input_data=stored.data if stored else None,
+        )
+
+        async def on_progress(value: float) -> None:
+            async with self.db.write() as conn:
+                held = await repo.save_progress(
+                    conn, job.id, self.worker_id, job.attempts, value, repo.utcnow()
+                )
+            if not held:
+                self.abort(job.id)
+
+        return await attempt.process.run(request, self._threads, on_progress, job.timeout_seconds)
+
+    async def _record(self, job: repo.JobRow, outcome: ResultData | AttemptError) -> None:
+        now = repo.utcnow()
+        async with self.db.write() as conn:
+            if isinstance(outcome, ResultData):
+                await repo.finish_succeeded(
+                    conn, job.id, self.worker_id, job.attempts, outcome, now
+                )
+                return
+            retry_at = None
+            if job.attempts < job.max_attempts:
+                delay = retry_delay(
+                    job.retry_delay_seconds, job.attempts, self.settings.retry_max_seconds
+                )
+                retry_at = now + timedelta(seconds=delay)
+            await repo.finish_failed_attempt(
+                conn, job.id, self.worker_id, job.attempts, outcome, now, retry_at
+            )
+        if retry_at is not None:
+            asyncio.get_running_loop().call_later((retry_at - now).total_seconds(), self.notify)
+
+    async def _heartbeat(self, attempt: Attempt) -> None:
+        interval = self.settings.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            lease_until = repo.utcnow() + timedelta(seconds=self.settings.lease_seconds)
+            try:
+                async with self.db.write() as conn:
+                    held = await repo.renew_lease(
+                        conn, attempt.job_id, self.worker_id, attempt.number, lease_until
+                    )
+            except Exception:
+                log.exception("heartbeat for job %s failed", attempt.job_id)
+                continue
+            if not held:
+                log.info("job %s is no longer ours (cancelled or taken over)", attempt.job_id)
+                self.abort(attempt.job_id)
+                return
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited; only its parent has not collected it yet
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+__all__ = ["Attempt", "Dispatcher", "WorkerProcess", "process_context", "retry_delay"]

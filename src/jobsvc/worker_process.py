@@ -1,0 +1,82 @@
+"""The body of a worker process: receive a job, run its task, send back the outcome.
+
+Runs in a child process, so pandas never competes with the event loop for the interpreter.
+It does no database work: everything it learns goes back over its pipe, and the service
+writes it. A process that dies mid-job (segfault, out of memory, ``kill -9``) is noticed by
+the service as a closed pipe.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from jobsvc import formats
+from jobsvc.records import AttemptError, ResultData
+from jobsvc.tasks import progress, registry
+from jobsvc.tasks.registry import import_task_modules
+
+# Heavy numeric libraries would start a thread per core; the API needs one of them.
+THREAD_LIMITS = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
+}
+_PROGRESS_INTERVAL = 0.2
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    job_id: str
+    attempt: int
+    task: str
+    params: dict[str, Any]
+    input_format: str
+    input_data: bytes | None
+
+
+def _progress_sender(conn: Connection) -> Any:
+    last_sent = 0.0
+
+    def send(value: float) -> None:
+        nonlocal last_sent
+        now = time.monotonic()
+        # Fewer messages, fewer writes: a tight loop reporting progress must not flood the DB.
+        if value >= 1.0 or now - last_sent >= _PROGRESS_INTERVAL:
+            last_sent = now
+            conn.send(("progress", value))
+
+    return send
+
+
+def run(request: RunRequest) -> ResultData:
+    task = registry.get(request.task)
+    if task is None:
+        raise LookupError(f"no task named {request.task!r} is registered in the worker")
+    frame = formats.load_input(request.input_format, request.input_data)
+    return formats.encode_result(task.call(frame, request.params))
+
+
+def main(conn: Connection, task_modules: list[str], niceness: int) -> None:
+    if niceness:
+        os.nice(niceness)
+    import_task_modules(task_modules)
+    progress.set_sink(_progress_sender(conn))
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return  # the service is gone
+        if request is None:
+            return
+        try:
+            conn.send(("ok", run(request)))
+        except BaseException as error:  # a task's SystemExit or MemoryError is its failure too
+            conn.send(
+                ("error", AttemptError(type(error).__name__, str(error), traceback.format_exc()))
+            )
