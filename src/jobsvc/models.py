@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -29,6 +29,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -173,7 +174,8 @@ class JobEvent(Base):
     error_traceback: Mapped[str | None] = mapped_column(Text)
 
 
-jobs = Job.__table__
-job_inputs = JobInput.__table__
-job_results = JobResult.__table__
-job_events = JobEvent.__table__
+# The tables as Core objects, for the repository's statements.
+jobs = cast(Table, Job.__table__)
+job_inputs = cast(Table, JobInput.__table__)
+job_results = cast(Table, JobResult.__table__)
+job_events = cast(Table, JobEvent.__table__)

@@ -256,7 +256,7 @@ async def renew_lease(
     result = await conn.execute(
         update(jobs).where(_held_by(job_id, worker, attempt)).values(lease_expires_at=lease_until)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+    return result.rowcount == 1
 
 
 async def save_progress(
@@ -267,7 +267,7 @@ async def save_progress(
         .where(_held_by(job_id, worker, attempt))
         .values(progress=progress, updated_at=now)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+    return result.rowcount == 1
 
 
 async def finish_succeeded(
@@ -286,7 +286,7 @@ async def finish_succeeded(
             status=JobStatus.SUCCEEDED, finished_at=now, updated_at=now, progress=1.0, **_NO_LEASE
         )
     )
-    if changed.rowcount != 1:  # type: ignore[attr-defined]
+    if changed.rowcount != 1:
         return False
     await conn.execute(
         insert(job_results).values(
@@ -323,7 +323,7 @@ async def finish_failed_attempt(
     changed = await conn.execute(
         update(jobs).where(_held_by(job_id, worker, attempt)).values(values)
     )
-    if changed.rowcount != 1:  # type: ignore[attr-defined]
+    if changed.rowcount != 1:
         return False
     await add_event(conn, job_id, status, attempt, now, worker=worker, error=error)
     return True
@@ -345,7 +345,7 @@ async def release(
             **_NO_LEASE,
         )
     )
-    if changed.rowcount != 1:  # type: ignore[attr-defined]
+    if changed.rowcount != 1:
         return False
     await add_event(conn, job_id, JobStatus.QUEUED, attempt - 1, now, worker=worker)
     return True
@@ -396,7 +396,7 @@ async def reclaim_lost(
             result = await conn.execute(
                 update(jobs).where(_held_by(job_id, owner, attempts)).values(values)
             )
-            ok = result.rowcount == 1  # type: ignore[attr-defined]
+            ok = result.rowcount == 1
             if ok:
                 await add_event(conn, job_id, JobStatus.QUEUED, attempts, now, error=error)
             status = JobStatus.QUEUED

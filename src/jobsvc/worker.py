@@ -65,9 +65,10 @@ def process_context() -> BaseContext:
 
 
 def retry_delay(base_seconds: float, attempt: int, cap_seconds: float) -> float:
-    """Exponential backoff with jitter: about base, 2×base, 4×base, … never above the cap."""
-    delay = min(cap_seconds, base_seconds * 2 ** max(0, attempt - 1))
-    return delay / 2 + random.uniform(0, delay / 2)  # noqa: S311 - jitter, not security
+    """Exponential backoff with jitter: about base, twice that, four times, ... up to the cap."""
+    delay: float = min(cap_seconds, base_seconds * 2.0 ** max(0, attempt - 1))
+    jitter: float = random.uniform(0, delay / 2)  # noqa: S311 - spreading retries, not security
+    return delay / 2 + jitter
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -120,7 +121,7 @@ class WorkerProcess:
         request: worker_process.RunRequest,
         threads: ThreadPoolExecutor,
         on_progress: Callable[[float], Awaitable[None]],
-        timeout: float | None,
+        timeout: float | None,  # noqa: ASYNC109 - the task's own limit, enforced by killing
     ) -> ResultData | AttemptError:
         loop = asyncio.get_running_loop()
         try:

@@ -95,9 +95,7 @@ def params_model_for(name: str, func: Callable[..., Any]) -> type[BaseModel]:
         default = ... if parameter.default is parameter.empty else parameter.default
         fields[parameter.name] = (annotation, default)
     model_name = "".join(part.capitalize() for part in name.replace("-", "_").split("_")) or "Task"
-    return create_model(  # type: ignore[call-overload,no-any-return]
-        f"{model_name}Params", __config__=ConfigDict(extra="forbid"), **fields
-    )
+    return create_model(f"{model_name}Params", __config__=ConfigDict(extra="forbid"), **fields)
 
 
 def task(
