@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -95,8 +95,18 @@ class JobQueue:
             await self.db.dispose()
             self.db = None
 
+    async def enqueue(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> str:
+        """Store a job that calls ``func(*args, **kwargs)``; its id."""
+        prepared = self.service.prepare_call(func, args, kwargs)
+        await self.service.submit_prepared([prepared])
+        return prepared.id
+
     @asynccontextmanager
-    async def lifespan(self, _app: Any = None) -> AsyncIterator[None]:
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """Start on entry, drain and stop on exit; use as ``FastAPI(lifespan=jobs.lifespan)``
+        or inside an app's own lifespan: ``async with jobs.lifespan(app): ...``."""
+        if app is not None:
+            app.state.jobsvc_queue = self  # found there by DurableBackgroundTasks
         await self.start()
         try:
             yield

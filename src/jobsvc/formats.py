@@ -7,6 +7,7 @@ as Parquet (columnar, compressed, typed); JSON records submitted inline are kept
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
 import io
@@ -81,6 +82,14 @@ def _csv_header_width(path: Path) -> int:
     return len(next(csv.reader([header]), []))
 
 
+def as_frame(data: Any) -> pd.DataFrame:
+    if isinstance(data, pd.DataFrame):
+        return data
+    raise TypeError(
+        f"the data is {type(data).__name__}; a task's data is a DataFrame or a list of records"
+    )
+
+
 def frame_to_parquet(frame: pd.DataFrame) -> bytes:
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
@@ -122,6 +131,60 @@ def parse_upload(path: str, media_type: str, limits: Limits) -> ParsedUpload:
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
+
+
+# --- a function's arguments (jobs made by ``add_task``) ---------------------------------------
+
+_FRAME_MARK = "$jobsvc.dataframe"
+
+
+def _encode_argument(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TypeError(f"{where} is {value!r}, which JSON cannot store")
+        return value
+    if isinstance(value, pd.DataFrame):
+        return {_FRAME_MARK: base64.b64encode(frame_to_parquet(value)).decode()}
+    if isinstance(value, list | tuple):
+        return [_encode_argument(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        encoded = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where} has a key {key!r} that is not a string")
+            encoded[key] = _encode_argument(item, f"{where}[{key!r}]")
+        return encoded
+    raise TypeError(
+        f"{where} is {type(value).__module__}.{type(value).__qualname__}, which cannot be "
+        "stored with the job: arguments must be JSON types (str, int, float, bool, None, "
+        "lists, dicts with string keys) or pandas DataFrames"
+    )
+
+
+def encode_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """A call's arguments as stored bytes; ``TypeError`` naming the first that cannot be."""
+    payload = {
+        "args": [_encode_argument(value, f"argument {i + 1}") for i, value in enumerate(args)],
+        "kwargs": {
+            name: _encode_argument(value, f"argument {name!r}") for name, value in kwargs.items()
+        },
+    }
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def _decode_argument(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode_argument(item) for item in value]
+    if isinstance(value, dict):
+        if set(value) == {_FRAME_MARK}:
+            return pd.read_parquet(io.BytesIO(base64.b64decode(value[_FRAME_MARK])))
+        return {key: _decode_argument(item) for key, item in value.items()}
+    return value
+
+
+def decode_call(data: bytes) -> tuple[list[Any], dict[str, Any]]:
+    payload = json.loads(data)
+    return _decode_argument(payload["args"]), _decode_argument(payload["kwargs"])
 
 
 # --- in the task worker ---------------------------------------------------------------------

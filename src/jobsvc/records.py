@@ -23,11 +23,13 @@ class NewJob:
     owner: str = ""
     idempotency_key: str | None = None
     request_hash: str | None = None
+    # Set when the caller must know the id before the job is stored (``add_task``).
+    id: str | None = None
 
 
 @dataclass(frozen=True)
 class InputData:
-    format: str  # 'json' or 'parquet'
+    format: str  # 'json' (records), 'parquet', or 'call' (a function's arguments)
     data: bytes
     rows: int
     columns: int

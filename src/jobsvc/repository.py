@@ -86,7 +86,7 @@ _NO_LEASE = {"lease_owner": None, "lease_expires_at": None}
 async def insert_job(
     conn: AsyncConnection, job: NewJob, data: InputData | None, now: datetime
 ) -> JobRow:
-    job_id = new_job_id()
+    job_id = job.id or new_job_id()
     row = (
         await conn.execute(
             insert(jobs)

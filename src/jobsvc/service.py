@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,6 +35,7 @@ from jobsvc.models import CANCELLABLE, RETRYABLE, TERMINAL, JobStatus
 from jobsvc.records import InputData, NewJob
 from jobsvc.settings import Settings
 from jobsvc.tasks import registry
+from jobsvc.tasks.registry import function_path, task_for
 from jobsvc.worker import Dispatcher
 
 
@@ -49,6 +50,19 @@ class JobSpec:
     retry_delay: float | None = None
     run_at: datetime | None = None
     idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A job checked and encoded, its id known, not yet stored."""
+
+    job: NewJob
+    data: InputData
+
+    @property
+    def id(self) -> str:
+        assert self.job.id is not None
+        return self.job.id
 
 
 @dataclass(frozen=True)
@@ -94,7 +108,7 @@ class JobService:
 
     # --- submit ------------------------------------------------------------------------------
 
-    def _new_job(self, spec: JobSpec, owner: str, digest: str) -> NewJob:
+    def _new_job(self, spec: JobSpec, owner: str, digest: str, job_id: str | None = None) -> NewJob:
         task = registry.get(spec.task)
         if task is None:
             known = ", ".join(t.name for t in registry.all())
@@ -132,6 +146,7 @@ class JobService:
             owner=owner,
             idempotency_key=spec.idempotency_key,
             request_hash=request_hash(spec, digest) if spec.idempotency_key else None,
+            id=job_id,
         )
 
     async def submit_records(
@@ -159,6 +174,60 @@ class JobService:
         return await self._insert(
             job, InputData("parquet", parsed.parquet, parsed.rows, parsed.columns)
         )
+
+    def prepare_call(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        owner: str = "",
+    ) -> Prepared:
+        """A job that calls ``func(*args, **kwargs)`` in a worker: a registered task (its data
+        first, params by name) or any importable module-level function.
+
+        Raises ``TypeError`` saying why when the function or an argument cannot be stored.
+        """
+        job_id = repo.new_job_id()
+        task = task_for(func)
+        if task is None:
+            path = function_path(func)
+            return Prepared(
+                NewJob(
+                    task=path,
+                    params={},
+                    max_attempts=self.settings.default_max_attempts,
+                    retry_delay_seconds=self.settings.retry_base_seconds,
+                    owner=owner,
+                    id=job_id,
+                ),
+                InputData("call", formats.encode_call(args, kwargs), 0, 0),
+            )
+        if len(args) != 1:
+            raise TypeError(
+                f"task {task.name!r} takes its data as the one positional argument "
+                "(a DataFrame or a list of records); pass its params by name"
+            )
+        job = self._new_job(JobSpec(task=task.name, params=kwargs), owner, "", job_id)
+        data = args[0]
+        if isinstance(data, list):
+            payload = formats.encode_call((data,), {})  # checks every value is JSON
+            records = json.loads(payload)["args"][0]
+            body = json.dumps(records, separators=(",", ":")).encode()
+            return Prepared(job, InputData("json", body, len(data), 0))
+        frame = formats.as_frame(data)
+        return Prepared(
+            job, InputData("parquet", formats.frame_to_parquet(frame), len(frame), frame.shape[1])
+        )
+
+    async def submit_prepared(self, prepared: Sequence[Prepared]) -> list[repo.JobRow]:
+        """Store prepared jobs in one transaction: all of them, or none."""
+        now = repo.utcnow()
+        async with self.db.write() as conn:
+            rows = [await repo.insert_job(conn, p.job, p.data, now) for p in prepared]
+        if self.dispatcher is not None:
+            self.dispatcher.notify()
+        return rows
 
     async def _insert(self, job: NewJob, data: InputData) -> Submitted:
         try:

@@ -18,7 +18,7 @@ from typing import Any
 from jobsvc import formats
 from jobsvc.records import AttemptError, ResultData
 from jobsvc.tasks import progress, registry
-from jobsvc.tasks.registry import import_task_modules
+from jobsvc.tasks.registry import import_task_modules, resolve_function
 
 # Heavy numeric libraries would start a thread per core; the API needs one of them.
 THREAD_LIMITS = {
@@ -55,6 +55,10 @@ def _progress_sender(conn: Connection) -> Any:
 
 
 def run(request: RunRequest) -> ResultData:
+    if request.input_format == "call":  # a function queued by add_task, by its import path
+        args, kwargs = formats.decode_call(request.input_data or b"")
+        function = resolve_function(request.task)
+        return formats.encode_result(function(*args, **kwargs))
     task = registry.get(request.task)
     if task is None:
         raise LookupError(f"no task named {request.task!r} is registered in the worker")

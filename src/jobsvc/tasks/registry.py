@@ -12,7 +12,7 @@ import importlib
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, TypeVar, cast, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
@@ -130,6 +130,50 @@ def task(
     return register
 
 
+def function_path(func: Callable[..., Any]) -> str:
+    """``module:qualname`` of a module-level function, the name a worker imports it by.
+
+    Raises ``TaskDefinitionError`` saying why a callable cannot be run by another process.
+    """
+    name = getattr(func, "__qualname__", None)
+    module = getattr(func, "__module__", None)
+    if not inspect.isfunction(func) or name is None or module is None:
+        raise TaskDefinitionError(
+            f"{func!r} is not a plain function; jobs run module-level functions by name"
+        )
+    if name == "<lambda>":
+        raise TaskDefinitionError("a lambda cannot run in another process; use a named function")
+    if "<locals>" in name:
+        raise TaskDefinitionError(
+            f"{name} is defined inside another function (a closure); workers can only import "
+            "module-level functions"
+        )
+    if module == "__main__":
+        raise TaskDefinitionError(
+            f"{name} is defined in the __main__ script; workers import functions by module, so "
+            "move it into an importable module"
+        )
+    if resolve_function(f"{module}:{name}") is not func:
+        raise TaskDefinitionError(f"{module}.{name} cannot be imported by that name")
+    return f"{module}:{name}"
+
+
+def resolve_function(path: str) -> Callable[..., Any]:
+    """The function named ``module:qualname``."""
+    module_name, _, qualname = path.partition(":")
+    target: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    if not callable(target):
+        raise TaskDefinitionError(f"{path} is not callable")
+    return cast(Callable[..., Any], target)
+
+
+def task_for(func: Callable[..., Any]) -> Task | None:
+    """The registered task whose function is ``func``, if any."""
+    return next((t for t in registry.all() if t.func is func), None)
+
+
 def import_task_modules(modules: Iterable[str]) -> None:
     """Import the built-in tasks and the user's modules, so their ``@task``s register."""
     importlib.import_module("jobsvc.tasks.builtin")
@@ -142,7 +186,10 @@ __all__ = [
     "Task",
     "TaskDefinitionError",
     "ValidationError",
+    "function_path",
     "import_task_modules",
     "registry",
+    "resolve_function",
     "task",
+    "task_for",
 ]
