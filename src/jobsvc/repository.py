@@ -423,3 +423,21 @@ async def release_all(conn: AsyncConnection, worker: str, now: datetime) -> int:
     for job_id, attempts in (await conn.execute(query)).all():
         released += await release(conn, job_id, worker, attempts, now)
     return released
+
+
+async def count_by_status(conn: AsyncConnection, owner: str | None = None) -> dict[str, int]:
+    query = select(jobs.c.status, func.count()).group_by(jobs.c.status)
+    if owner is not None:
+        query = query.where(jobs.c.owner == owner)
+    counts = {status.value: 0 for status in JobStatus}
+    for status, count in (await conn.execute(query)).all():
+        counts[status] = count
+    return counts
+
+
+async def oldest_waiting_created_at(conn: AsyncConnection) -> datetime | None:
+    query = select(func.min(jobs.c.created_at)).where(jobs.c.status == JobStatus.QUEUED)
+    value: datetime | None = (await conn.execute(query)).scalar()
+    if value is not None and value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value

@@ -382,5 +382,10 @@ class JobService:
             f"job {job_id} is {current.status}{terminal}; only {states} jobs can be {verb}"
         )
 
+    async def counts(self, owner: str | None = None) -> dict[str, int]:
+        """How many jobs are in each state."""
+        async with self.db.read() as conn:
+            return await repo.count_by_status(conn, owner)
+
     async def health(self) -> None:
         await self.db.ping()
