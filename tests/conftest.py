@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +98,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def database_url(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[str]:
+def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     if backend == "sqlite":
         template = request.getfixturevalue("sqlite_template")
         path = tmp_path / "jobsvc.db"
@@ -149,8 +147,8 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 async def wait_for_status(
     client: httpx.AsyncClient,
     job_id: str,
-    statuses: set[str] | str = frozenset(TERMINAL),
-    timeout: float = 30.0,
+    statuses: Collection[str] | str = frozenset(TERMINAL),
+    timeout: float = 30.0,  # noqa: ASYNC109 - a deadline for polling, not for one call
 ) -> dict[str, Any]:
     """Poll the job until it is in one of ``statuses``; fail with its last state if not."""
     wanted = {statuses} if isinstance(statuses, str) else set(statuses)

@@ -92,3 +92,10 @@ def texts(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {"cell": ["=1+1", "+cmd", "-2+3", "@SUM(A1)", "\tx", "plain"], "n": [1, 2, 3, 4, 5, -6]}
     )
+
+
+@task(name="hog", retry_delay=0.01)
+def hog(df: pd.DataFrame, megabytes: int = 2048) -> dict[str, Any]:
+    """Allocates far more than a capped worker may have."""
+    block = bytearray(megabytes * 1024 * 1024)
+    return {"allocated": len(block)}

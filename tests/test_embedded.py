@@ -71,9 +71,7 @@ async def test_add_task_stores_a_job_that_runs(
 ) -> None:
     client, _ = embedded
     out = tmp_path / "described.json"
-    response = await client.post(
-        "/process/", params={"out": str(out)}, json=[{"a": 1}, {"a": 3}]
-    )
+    response = await client.post("/process/", params={"out": str(out)}, json=[{"a": 1}, {"a": 3}])
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["url"] == f"/jobs/{body['job_id']}"

@@ -1,9 +1,9 @@
 """Engines and transactions.
 
 Two engines over one database. Reads go through a small pool. Writes go through ``write()``:
-on SQLite a single connection that opens every transaction with ``BEGIN IMMEDIATE`` — SQLite
-has one write lock anyway, and waiting for it in the process (a queue for one connection)
-costs far less than connections fighting over it, while a deferred transaction that reads
+on SQLite one transaction at a time, each opened with ``BEGIN IMMEDIATE`` — SQLite has one
+write lock anyway, and waiting for it in the process (a FIFO lock) costs far less than
+connections fighting over it, while a deferred transaction that reads
 before it writes fails at once with "database is locked". This one path is also where writes
 can later be batched into group commits.
 
@@ -12,6 +12,7 @@ Driver errors that mean "cannot write now" become ``StorageUnavailable``/``Datab
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,7 +26,12 @@ from jobsvc.errors import DatabaseBusy, StorageUnavailable
 from jobsvc.settings import Settings
 
 _BUSY = ("database is locked", "database table is locked")
-_UNAVAILABLE = ("database or disk is full", "readonly database", "disk i/o error")
+_UNAVAILABLE = (
+    "database or disk is full",
+    "readonly database",
+    "disk i/o error",
+    "unable to open database file",
+)
 
 
 def translate(error: DBAPIError) -> Exception:
@@ -59,7 +65,8 @@ class Database:
         self.url = settings.database_url
         self.dialect = make_url(self.url).get_backend_name()
         if self.dialect == "sqlite":
-            self.writer = create_async_engine(self.url, pool_size=1, max_overflow=0)
+            self._write_lock: asyncio.Lock | None = asyncio.Lock()
+            self.writer = create_async_engine(self.url, pool_size=1, max_overflow=1)
             self.reader = create_async_engine(self.url, pool_size=4, max_overflow=4)
             for engine, immediate in ((self.writer, True), (self.reader, False)):
                 event.listen(engine.sync_engine, "connect", _sqlite_pragmas(settings))
@@ -70,6 +77,7 @@ class Database:
                     lambda conn, sql=begin_sql: conn.exec_driver_sql(sql),
                 )
         else:
+            self._write_lock = None
             self.writer = create_async_engine(self.url, pool_size=10, max_overflow=10)
             self.reader = self.writer
 
@@ -80,11 +88,22 @@ class Database:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """One write transaction: committed when the block ends, rolled back if it raises."""
-        try:
-            async with self.writer.begin() as conn:
-                yield conn
-        except DBAPIError as error:
-            raise translate(error) from error
+        async with self._write_turn():
+            try:
+                async with self.writer.begin() as conn:
+                    yield conn
+            except DBAPIError as error:
+                raise await self._fault(self.writer, error) from error
+
+    @asynccontextmanager
+    async def _write_turn(self) -> AsyncIterator[None]:
+        # On SQLite, writers take turns here (FIFO) rather than in the connection pool: a
+        # pool waiter is not woken when a connection attempt fails, only when one is returned.
+        if self._write_lock is None:
+            yield
+            return
+        async with self._write_lock:
+            yield
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -92,7 +111,15 @@ class Database:
             async with self.reader.connect() as conn:
                 yield conn
         except DBAPIError as error:
-            raise translate(error) from error
+            raise await self._fault(self.reader, error) from error
+
+    async def _fault(self, engine: AsyncEngine, error: DBAPIError) -> Exception:
+        domain = translate(error)
+        if isinstance(domain, StorageUnavailable) and not isinstance(domain, DatabaseBusy):
+            # A connection that met a full or read-only disk may stay read-only after the
+            # fault clears: drop the pool so the next request opens fresh connections.
+            await engine.dispose()
+        return domain
 
     async def ping(self) -> None:
         async with self.read() as conn:

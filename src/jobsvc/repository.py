@@ -385,9 +385,9 @@ async def reclaim_lost(
             ok = await finish_failed_attempt(conn, job_id, owner, attempts, error, now, None)
             status = JobStatus.FAILED
         else:
+            # run_at stays as it was (in the past): the job keeps its place in the queue.
             values = {
                 "status": JobStatus.QUEUED,
-                "run_at": now,
                 "updated_at": now,
                 "progress": None,
                 **_error_columns(error),

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     max_rows: int = Field(default=50_000_000, ge=1)
     max_columns: int = Field(default=10_000, ge=1)
     lease_seconds: float = Field(default=30.0, gt=0)
+    # A worker process's address-space cap; a runaway job then fails its attempt with a
+    # MemoryError (or is killed) instead of taking the machine. None: no cap.
+    worker_memory_mb: int | None = Field(default=None, ge=64)
     shutdown_grace: float = Field(default=10.0, ge=0)
     # How often an idle dispatcher looks for due jobs without a wake-up (other processes' jobs).
     poll_seconds: float = Field(default=1.0, gt=0)

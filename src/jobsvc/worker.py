@@ -91,7 +91,7 @@ class WorkerProcess:
         parent_end, child_end = context.Pipe()
         self.process = context.Process(  # type: ignore[attr-defined]
             target=worker_process.main,
-            args=(child_end, settings.task_modules, WORKER_NICENESS),
+            args=(child_end, settings.task_modules, WORKER_NICENESS, settings.worker_memory_mb),
             name="jobsvc-worker",
             daemon=True,
         )
@@ -179,7 +179,12 @@ class Dispatcher:
         _LIVE_WORKER_IDS.add(self.worker_id)
         for _ in range(self.settings.workers):
             self._idle.put_nowait(await self._spawn())
-        await self.recover()
+        try:
+            await self.recover()
+        except StorageUnavailable as error:
+            # Serve anyway: the API answers 503 until the storage is back, and the sweep
+            # runs the recovery again then.
+            log.error("start-up recovery failed: %s", error)
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="jobsvc-claim"),
             asyncio.create_task(self._sweep_loop(), name="jobsvc-sweep"),
@@ -287,6 +292,9 @@ class Dispatcher:
             self._wake.clear()
             try:
                 job = await self._claim()
+            except StorageUnavailable as error:
+                log.warning("cannot claim jobs now: %s", error)
+                job = None
             except Exception:
                 log.exception("claiming a job failed; trying again shortly")
                 job = None

@@ -9,6 +9,7 @@ the service as a closed pipe.
 from __future__ import annotations
 
 import os
+import resource
 import time
 import traceback
 from dataclasses import dataclass
@@ -66,9 +67,22 @@ def run(request: RunRequest) -> ResultData:
     return formats.encode_result(task.call(frame, request.params))
 
 
-def main(conn: Connection, task_modules: list[str], niceness: int) -> None:
+def _cap_memory(megabytes: int | None) -> None:
+    if megabytes is None:
+        return
+    limit = megabytes * 1024 * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def main(
+    conn: Connection, task_modules: list[str], niceness: int, memory_mb: int | None = None
+) -> None:
     if niceness:
         os.nice(niceness)
+    _cap_memory(memory_mb)
     import_task_modules(task_modules)
     progress.set_sink(_progress_sender(conn))
     while True:

@@ -1,0 +1,107 @@
+"""Storage faults on SQLite: a full disk and a read-only database answer 503 with a clear
+message, store nothing half-written, and the service recovers when the fault clears.
+
+The faults are real: a small tmpfs that fills up, and a read-only bind mount. Both need root
+(CI runs as root); elsewhere these tests skip unless JOBSVC_TEST_REQUIRE_FAULTS is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from jobsvc.app import create_app
+from tests.conftest import make_settings, submit, wait_for_status
+
+REQUIRE = bool(os.environ.get("JOBSVC_TEST_REQUIRE_FAULTS"))
+
+
+def _mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True, text=True)
+
+
+@contextlib.contextmanager
+def mounted(*args: str, target: Path) -> Iterator[Path]:
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        _mount(*args, str(target))
+    except (OSError, subprocess.CalledProcessError) as error:
+        reason = f"cannot mount here ({error}); storage fault tests need root"
+        if REQUIRE:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)
+
+
+@contextlib.asynccontextmanager
+async def service(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(make_settings(database_url), migrate_on_start=False)
+    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://jobsvc") as client:
+            yield client
+
+
+def fill(directory: Path) -> Path:
+    """Write zeros until the filesystem refuses; returns the filler to delete later."""
+    filler = directory / "filler"
+    with filler.open("wb") as out, contextlib.suppress(OSError):
+        while True:
+            out.write(b"\0" * 65536)
+            out.flush()
+    return filler
+
+
+async def test_a_full_disk_answers_503_and_recovers(tmp_path: Path, sqlite_template: Path) -> None:
+    with mounted("-t", "tmpfs", "-o", "size=8m", "tmpfs", target=tmp_path / "disk") as disk:
+        shutil.copyfile(sqlite_template, disk / "jobsvc.db")
+        async with service(f"sqlite+aiosqlite:///{disk / 'jobsvc.db'}") as client:
+            first = await submit(client, "double", data=[{"a": 1}])
+            assert (await wait_for_status(client, first["id"]))["status"] == "succeeded"
+
+            filler = fill(disk)
+            records = [{"text": "x" * 200, "n": i} for i in range(2000)]
+            response = await client.post("/jobs", json={"task": "double", "data": records})
+            assert response.status_code == 503, response.text
+            assert "full" in response.json()["detail"]
+            assert response.headers["retry-after"]
+            listed = (await client.get("/jobs")).json()["items"]
+            assert [job["id"] for job in listed] == [first["id"]]
+
+            filler.unlink()
+            response = await client.post("/jobs", json={"task": "double", "data": records[:5]})
+            assert response.status_code == 202, response.text
+            assert (await wait_for_status(client, response.json()["id"]))["status"] == "succeeded"
+            assert len((await client.get("/jobs")).json()["items"]) == 2
+
+
+async def test_a_read_only_database_answers_503_and_recovers(
+    tmp_path: Path, sqlite_template: Path
+) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    shutil.copyfile(sqlite_template, base / "jobsvc.db")
+    with mounted("--bind", str(base), target=tmp_path / "view") as view:
+        _mount("-o", "remount,ro,bind", str(view))
+        async with service(f"sqlite+aiosqlite:///{view / 'jobsvc.db'}") as client:
+            response = await client.post("/jobs", json={"task": "double", "data": [{"a": 1}]})
+            assert response.status_code == 503, response.text
+            assert "cannot take writes" in response.json()["detail"]
+            assert (await client.get("/healthz")).status_code == 503
+
+            _mount("-o", "remount,rw,bind", str(view))
+            assert (await client.get("/healthz")).status_code == 200
+            job = await submit(client, "double", data=[{"a": 1}])
+            assert (await wait_for_status(client, job["id"]))["status"] == "succeeded"
+            assert len((await client.get("/jobs")).json()["items"]) == 1
