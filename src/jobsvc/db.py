@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import event
@@ -81,9 +82,28 @@ class Database:
             self.writer = create_async_engine(self.url, pool_size=10, max_overflow=10)
             self.reader = self.writer
 
+        # Leases are compared across machines: on a shared server, its clock is the one that
+        # counts. The offset of ours from it is measured at start and by every sweep.
+        self._clock_offset = timedelta(0)
+
     @property
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
+
+    def now(self) -> datetime:
+        """The current time by the database's clock (UTC)."""
+        return datetime.now(UTC) + self._clock_offset
+
+    async def sync_clock(self) -> timedelta:
+        """Measure this machine's clock against the database server's (PostgreSQL)."""
+        if self.is_sqlite:
+            return self._clock_offset  # same machine, same clock
+        async with self.read() as conn:
+            before = datetime.now(UTC)
+            server: datetime = (await conn.exec_driver_sql("SELECT clock_timestamp()")).scalar_one()
+            after = datetime.now(UTC)
+        self._clock_offset = server - (before + (after - before) / 2)
+        return self._clock_offset
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:

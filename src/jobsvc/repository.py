@@ -23,9 +23,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from jobsvc.models import WAITING, JobStatus, job_events, job_inputs, job_results, jobs
 from jobsvc.records import AttemptError, InputData, NewJob, ResultData
 
+# PostgreSQL: a NOTIFY on this channel, sent when jobs become due now, wakes every instance.
+JOBS_CHANNEL = "jobsvc_jobs"
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+async def announce_due_jobs(conn: AsyncConnection) -> None:
+    """Tell other instances there is work now (delivered when the transaction commits)."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(select(func.pg_notify(JOBS_CHANNEL, "")))
 
 
 def new_job_id() -> str:

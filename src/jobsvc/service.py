@@ -222,9 +222,10 @@ class JobService:
 
     async def submit_prepared(self, prepared: Sequence[Prepared]) -> list[repo.JobRow]:
         """Store prepared jobs in one transaction: all of them, or none."""
-        now = repo.utcnow()
+        now = self.db.now()
         async with self.db.write() as conn:
             rows = [await repo.insert_job(conn, p.job, p.data, now) for p in prepared]
+            await repo.announce_due_jobs(conn)
         if self.dispatcher is not None:
             self.dispatcher.notify()
         return rows
@@ -238,7 +239,8 @@ class JobService:
                     )
                     if earlier is not None:
                         return self._replay(earlier, job)
-                row = await repo.insert_job(conn, job, data, repo.utcnow())
+                row = await repo.insert_job(conn, job, data, self.db.now())
+                await repo.announce_due_jobs(conn)
         except IntegrityError:
             # Two submits with one key raced (possible on PostgreSQL): the loser replays.
             if job.idempotency_key is None:
@@ -322,7 +324,7 @@ class JobService:
     # --- change ------------------------------------------------------------------------------
 
     async def cancel(self, job_id: str, owner: str | None = None) -> repo.JobRow:
-        now = repo.utcnow()
+        now = self.db.now()
         async with self.db.write() as conn:
             row = await repo.transition(
                 conn,
@@ -343,7 +345,7 @@ class JobService:
         return row
 
     async def retry(self, job_id: str, owner: str | None = None) -> repo.JobRow:
-        now = repo.utcnow()
+        now = self.db.now()
         async with self.db.write() as conn:
             row = await repo.transition(
                 conn,
@@ -364,6 +366,7 @@ class JobService:
             )
             if row is None:
                 await self._explain_refusal(conn, job_id, owner, "retried", RETRYABLE)
+            await repo.announce_due_jobs(conn)
         if self.dispatcher is not None:
             self.dispatcher.notify()
         assert row is not None

@@ -37,6 +37,7 @@ from jobsvc import repository as repo
 from jobsvc import worker_process
 from jobsvc.db import Database
 from jobsvc.errors import StorageUnavailable
+from jobsvc.listen import JobListener
 from jobsvc.records import AttemptError, ResultData
 from jobsvc.settings import Settings
 
@@ -171,12 +172,17 @@ class Dispatcher:
         )
         self._context = process_context()
         self._loops: list[asyncio.Task[None]] = []
+        self._listener: JobListener | None = None
         self._stopping = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         _LIVE_WORKER_IDS.add(self.worker_id)
+        if not self.db.is_sqlite:
+            await self.db.sync_clock()
+            self._listener = JobListener(self.settings.database_url, self.notify)
+            await self._listener.start()
         for _ in range(self.settings.workers):
             self._idle.put_nowait(await self._spawn())
         try:
@@ -195,6 +201,8 @@ class Dispatcher:
         """Stop claiming; give running attempts ``grace`` seconds, then hand them back."""
         grace = self.settings.shutdown_grace if grace is None else grace
         self._stopping = True
+        if self._listener is not None:
+            await self._listener.stop()
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -209,7 +217,7 @@ class Dispatcher:
         # Whatever this dispatcher still holds goes back to the queue, uncounted, at once.
         with contextlib.suppress(StorageUnavailable):
             async with self.db.write() as conn:
-                released = await repo.release_all(conn, self.worker_id, repo.utcnow())
+                released = await repo.release_all(conn, self.worker_id, self.db.now())
             if released:
                 log.info("handed %d running jobs back to the queue", released)
         loop = asyncio.get_running_loop()
@@ -254,7 +262,9 @@ class Dispatcher:
         async with self.db.write() as conn:
             owners = await repo.running_lease_owners(conn)
             dead = [owner for owner in owners if self._owner_is_dead(owner)]
-            changed = await repo.reclaim_lost(conn, repo.utcnow(), dead)
+            changed = await repo.reclaim_lost(conn, self.db.now(), dead)
+            if changed:
+                await repo.announce_due_jobs(conn)
         for job_id, status in changed:
             log.warning("job %s lost its worker; now %s", job_id, status)
         if changed:
@@ -266,7 +276,10 @@ class Dispatcher:
         while True:
             await asyncio.sleep(interval)
             try:
+                await self.db.sync_clock()
                 await self.recover()
+            except StorageUnavailable as error:
+                log.warning("sweep skipped: %s", error)
             except Exception:
                 log.exception("sweep failed; trying again in %.1f s", interval)
 
@@ -281,7 +294,7 @@ class Dispatcher:
         return process
 
     async def _claim(self) -> repo.JobRow | None:
-        now = repo.utcnow()
+        now = self.db.now()
         lease_until = now + timedelta(seconds=self.settings.lease_seconds)
         async with self.db.write() as conn:
             return await repo.claim_next(conn, self.worker_id, now, lease_until)
@@ -340,7 +353,7 @@ class Dispatcher:
         async def on_progress(value: float) -> None:
             async with self.db.write() as conn:
                 held = await repo.save_progress(
-                    conn, job.id, self.worker_id, job.attempts, value, repo.utcnow()
+                    conn, job.id, self.worker_id, job.attempts, value, self.db.now()
                 )
             if not held:
                 self.abort(job.id)
@@ -348,7 +361,7 @@ class Dispatcher:
         return await attempt.process.run(request, self._threads, on_progress, job.timeout_seconds)
 
     async def _record(self, job: repo.JobRow, outcome: ResultData | AttemptError) -> None:
-        now = repo.utcnow()
+        now = self.db.now()
         async with self.db.write() as conn:
             if isinstance(outcome, ResultData):
                 await repo.finish_succeeded(
@@ -371,7 +384,7 @@ class Dispatcher:
         interval = self.settings.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
-            lease_until = repo.utcnow() + timedelta(seconds=self.settings.lease_seconds)
+            lease_until = self.db.now() + timedelta(seconds=self.settings.lease_seconds)
             try:
                 async with self.db.write() as conn:
                     held = await repo.renew_lease(

@@ -1,0 +1,63 @@
+"""Wake-ups across instances on PostgreSQL: ``LISTEN`` on the jobs channel.
+
+A submit on any instance sends ``NOTIFY`` in its transaction; every dispatcher listening
+claims at once instead of at its next poll. The poll stays as the fallback: a notification
+lost while the listening connection was down costs one poll interval, nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from jobsvc.repository import JOBS_CHANNEL
+
+log = logging.getLogger("jobsvc.listen")
+_RECONNECT_SECONDS = 1.0
+
+
+class JobListener:
+    def __init__(self, database_url: str, on_notify: Callable[[], None]) -> None:
+        url = make_url(database_url).set(drivername="postgresql")
+        self._dsn = url.render_as_string(hide_password=False)
+        self._on_notify = on_notify
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._listen_forever(), name="jobsvc-listen")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _listen_forever(self) -> None:
+        import asyncpg
+
+        while True:
+            closed = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=10)
+            except (OSError, asyncpg.PostgresError) as error:
+                log.warning("cannot listen for new jobs (%s); polling meanwhile", error)
+                await asyncio.sleep(_RECONNECT_SECONDS)
+                continue
+            try:
+                conn.add_termination_listener(lambda _conn, closed=closed: closed.set())
+                await conn.add_listener(JOBS_CHANNEL, self._notified)
+                self._on_notify()  # whatever was announced while we were not listening
+                await closed.wait()
+                log.warning("the listening connection closed; reconnecting")
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=2)
+            await asyncio.sleep(_RECONNECT_SECONDS)
+
+    def _notified(self, *_: Any) -> None:
+        self._on_notify()
