@@ -9,6 +9,7 @@ cases are skipped with a note, unless JOBSVC_TEST_REQUIRE_POSTGRES is set (CI), 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import time
@@ -105,11 +106,25 @@ def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -
         shutil.copyfile(template, path)
         yield f"sqlite+aiosqlite:///{path}"
         return
-    template = request.getfixturevalue("pg_template")
+    with fresh_pg_database(request.getfixturevalue("pg_template")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def fresh_pg_database(template: str) -> Iterator[str]:
     name = f"jobsvc_t_{uuid.uuid4().hex[:12]}"
     pg_admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    yield _asyncpg_url(name)
-    pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield _asyncpg_url(name)
+    finally:
+        pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_database_url(pg_template: str) -> Iterator[str]:
+    """A fresh PostgreSQL database, for the tests that are about PostgreSQL itself."""
+    with fresh_pg_database(pg_template) as url:
+        yield url
 
 
 def make_settings(database_url: str, **overrides: Any) -> Settings:

@@ -63,6 +63,8 @@ def group_members(pgid: int) -> list[int]:
 
 
 class LiveServer:
+    command = "serve"
+
     def __init__(self, database_url: str, log_path: Path, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -71,7 +73,9 @@ class LiveServer:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LiveServer:
-        command = [sys.executable, "-m", "jobsvc.cli", "serve", "--port", str(self.port)]
+        command = [sys.executable, "-m", "jobsvc.cli", self.command]
+        if self.command == "serve":
+            command += ["--port", str(self.port)]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 command,
@@ -94,6 +98,9 @@ class LiveServer:
 
     def wait_until_ready(self, timeout: float = START_TIMEOUT) -> None:
         assert self.process is not None
+        if self.command == "worker":
+            self._wait_for_log("worker ready", timeout)
+            return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -108,6 +115,15 @@ class LiveServer:
             time.sleep(0.05)
         self.kill9()
         raise RuntimeError(f"jobsvc serve did not answer within {timeout:g} s:\n" + self.log())
+
+    def _wait_for_log(self, text: str, timeout: float) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill9()
+                raise RuntimeError(f"jobsvc {self.command} never became ready:\n" + self.log())
+            time.sleep(0.05)
 
     def kill9(self) -> None:
         """SIGKILL to the whole process group (server, fork server, workers), then reap."""
@@ -162,3 +178,9 @@ class LiveServer:
             self.terminate()
         else:
             self._kill_leftovers()
+
+
+class LiveWorker(LiveServer):
+    """A real ``jobsvc worker``: workers only, no HTTP."""
+
+    command = "worker"
