@@ -84,6 +84,8 @@ class JobQueue:
         self._service = JobService(self.settings, self.db, self._converter, self.dispatcher)
 
     async def stop(self) -> None:
+        if self._service is not None:
+            await self._service.committer.close()
         self._service = None
         if self.dispatcher is not None:
             await self.dispatcher.stop()

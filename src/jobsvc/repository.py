@@ -92,46 +92,70 @@ _NO_LEASE = {"lease_owner": None, "lease_expires_at": None}
 # --- submit and read -------------------------------------------------------------------------
 
 
+async def insert_jobs(
+    conn: AsyncConnection, new: Sequence[tuple[NewJob, InputData | None]], now: datetime
+) -> list[JobRow]:
+    """Insert jobs, their inputs and their first events: three statements for any number."""
+    job_values = []
+    input_values = []
+    event_values = []
+    for job, data in new:
+        job_id = job.id or new_job_id()
+        job_values.append(
+            {
+                "id": job_id,
+                "owner": job.owner,
+                "task": job.task,
+                "status": JobStatus.QUEUED,
+                "priority": job.priority,
+                "params": job.params,
+                "attempts": 0,
+                "max_attempts": job.max_attempts,
+                "timeout_seconds": job.timeout_seconds,
+                "retry_delay_seconds": job.retry_delay_seconds,
+                "run_at": job.run_at or now,
+                "created_at": now,
+                "updated_at": now,
+                "idempotency_key": job.idempotency_key,
+                "request_hash": job.request_hash,
+            }
+        )
+        if data is not None:
+            input_values.append(
+                {
+                    "job_id": job_id,
+                    "format": data.format,
+                    "data": data.data,
+                    "rows": data.rows,
+                    "columns": data.columns,
+                    "size_bytes": len(data.data),
+                }
+            )
+        event_values.append(
+            {
+                "job_id": job_id,
+                "at": now,
+                "status": JobStatus.QUEUED,
+                "attempt": 0,
+                "worker": None,
+                "error_type": None,
+                "error_message": None,
+                "error_traceback": None,
+            }
+        )
+    await conn.execute(insert(jobs), job_values)
+    if input_values:
+        await conn.execute(insert(job_inputs), input_values)
+    await conn.execute(insert(job_events), event_values)
+    ids = [values["id"] for values in job_values]
+    rows = {row.id: row for row in (await conn.execute(select(jobs).where(jobs.c.id.in_(ids))))}
+    return [rows[job_id] for job_id in ids]
+
+
 async def insert_job(
     conn: AsyncConnection, job: NewJob, data: InputData | None, now: datetime
 ) -> JobRow:
-    job_id = job.id or new_job_id()
-    row = (
-        await conn.execute(
-            insert(jobs)
-            .values(
-                id=job_id,
-                owner=job.owner,
-                task=job.task,
-                status=JobStatus.QUEUED,
-                priority=job.priority,
-                params=job.params,
-                attempts=0,
-                max_attempts=job.max_attempts,
-                timeout_seconds=job.timeout_seconds,
-                retry_delay_seconds=job.retry_delay_seconds,
-                run_at=job.run_at or now,
-                created_at=now,
-                updated_at=now,
-                idempotency_key=job.idempotency_key,
-                request_hash=job.request_hash,
-            )
-            .returning(*jobs.c)
-        )
-    ).one()
-    if data is not None:
-        await conn.execute(
-            insert(job_inputs).values(
-                job_id=job_id,
-                format=data.format,
-                data=data.data,
-                rows=data.rows,
-                columns=data.columns,
-                size_bytes=len(data.data),
-            )
-        )
-    await add_event(conn, job_id, JobStatus.QUEUED, 0, now)
-    return row
+    return (await insert_jobs(conn, [(job, data)], now))[0]
 
 
 async def get_job(conn: AsyncConnection, job_id: str, owner: str | None = None) -> JobRow | None:

@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 
 from jobsvc import formats
 from jobsvc import repository as repo
+from jobsvc.committer import GroupCommit
 from jobsvc.db import Database
 from jobsvc.errors import (
     Conflict,
@@ -101,6 +102,7 @@ class JobService:
         self.db = db
         self.converter = converter
         self.dispatcher = dispatcher
+        self.committer = GroupCommit(db)
         self.limits = formats.Limits(max_rows=settings.max_rows, max_columns=settings.max_columns)
 
     async def _convert(self, func: Any, *args: Any) -> Any:
@@ -231,6 +233,8 @@ class JobService:
         return rows
 
     async def _insert(self, job: NewJob, data: InputData) -> Submitted:
+        if job.idempotency_key is None:
+            return Submitted(await self.committer.insert(job, data), created=True)
         try:
             async with self.db.write() as conn:
                 if job.idempotency_key is not None:
