@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 
 from jobsvc import migrate
+from jobsvc.api.auth import KeyRing, RequireKey
 from jobsvc.api.limits import BodySizeLimit
 from jobsvc.api.routes import build_jobs_router, build_service_router
 from jobsvc.db import Database
@@ -55,6 +56,7 @@ class JobQueue:
         self.dispatcher: Dispatcher | None = None
         self._converter: ProcessPoolExecutor | None = None
         self._service: JobService | None = None
+        self.keys = KeyRing(settings.api_keys)
         self.router: APIRouter = build_jobs_router(self)
 
     @property
@@ -127,6 +129,8 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
             # Objects made at start-up live for the whole run; keeping them out of the
             # collector's full passes keeps those passes from showing up as request latency.
             gc.freeze()
+            if queue.keys.open:
+                log.warning("no JOBSVC_API_KEYS set: the API is open to anyone who can reach it")
             log.info("jobsvc ready on %s", settings.database_url)
             yield
 
@@ -140,4 +144,6 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     app.include_router(queue.router, prefix="/jobs")
     app.include_router(build_service_router(queue))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    # Outermost: a request without a valid key is refused before anything reads its body.
+    app.add_middleware(RequireKey, keys=queue.keys)
     return app

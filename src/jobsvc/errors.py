@@ -2,6 +2,7 @@
 to a status in one place (``jobsvc.api.errors``).
 
     JobsvcError
+    ├── Unauthorized             no API key, or a wrong one
     ├── NotFound                 the job does not exist (or belongs to another key)
     ├── Conflict                 the job's state forbids the operation
     │   └── IdempotencyConflict  same Idempotency-Key, different request
@@ -29,6 +30,10 @@ class JobsvcError(Exception):
         self.message = message or (self.__doc__ or type(self).__name__).strip()
         self.detail = detail if detail is not None else self.message
         super().__init__(self.message)
+
+
+class Unauthorized(JobsvcError):
+    """A valid API key is needed: Authorization: Bearer <key>."""
 
 
 class NotFound(JobsvcError):

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     max_rows: int = Field(default=50_000_000, ge=1)
     max_columns: int = Field(default=10_000, ge=1)
+    # When set (comma-separated), every request but GET /healthz needs one of these keys.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
     lease_seconds: float = Field(default=30.0, gt=0)
     # A worker process's address-space cap; a runaway job then fails its attempt with a
     # MemoryError (or is killed) instead of taking the machine. None: no cap.
@@ -44,7 +46,7 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(default=1.0, ge=0)
     retry_max_seconds: float = Field(default=600.0, ge=0)
 
-    @field_validator("task_modules", mode="before")
+    @field_validator("task_modules", "api_keys", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:
         if isinstance(value, str):

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from jobsvc import errors
 
 STATUS: dict[type[errors.JobsvcError], int] = {
+    errors.Unauthorized: 401,
     errors.NotFound: 404,
     errors.Conflict: 409,
     errors.MalformedRequest: 400,
@@ -38,7 +39,11 @@ def status_of(error: errors.JobsvcError) -> int:
 
 def error_response(error: errors.JobsvcError) -> JSONResponse:
     status = status_of(error)
-    headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
+    headers = None
+    if status == 503:
+        headers = {"Retry-After": RETRY_AFTER_SECONDS}
+    elif status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse({"detail": error.detail}, status_code=status, headers=headers)
 
 

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from jobsvc import formats
+from jobsvc.api.auth import KeyRing
 from jobsvc.api.errors import JobsvcRoute
 from jobsvc.api.uploads import body_to_file, upload_to_file
 from jobsvc.errors import InvalidInput, MalformedRequest, NotAcceptable, UnsupportedMediaType
@@ -38,6 +39,7 @@ class Runtime(Protocol):
     """What the routes need from the running service (``jobsvc.app.JobQueue``)."""
 
     settings: Settings
+    keys: KeyRing
 
     @property
     def service(self) -> JobService: ...
@@ -131,8 +133,8 @@ def build_jobs_router(runtime: Runtime) -> APIRouter:
     def get_service() -> JobService:
         return runtime.service
 
-    def get_owner() -> str:
-        return ""  # jobs of an open service belong to no one in particular
+    def get_owner(request: Request) -> str:
+        return runtime.keys.owner(request)
 
     ServiceDep = Annotated[JobService, Depends(get_service)]
     OwnerDep = Annotated[str, Depends(get_owner)]
