@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -99,3 +100,9 @@ def hog(df: pd.DataFrame, megabytes: int = 2048) -> dict[str, Any]:
     """Allocates far more than a capped worker may have."""
     block = bytearray(megabytes * 1024 * 1024)
     return {"allocated": len(block)}
+
+
+@task(name="chatty")
+def chatty(df: pd.DataFrame, words: str = "hello") -> None:
+    """Logs a line from inside the worker process."""
+    logging.getLogger("tests.chatty").warning("the task says %s", words)

@@ -22,6 +22,7 @@ from jobsvc.api.limits import BodySizeLimit
 from jobsvc.api.routes import build_jobs_router, build_service_router
 from jobsvc.db import Database
 from jobsvc.errors import StorageUnavailable
+from jobsvc.metrics import Metrics
 from jobsvc.service import JobService
 from jobsvc.settings import Settings
 from jobsvc.tasks import import_task_modules
@@ -57,6 +58,7 @@ class JobQueue:
         self._converter: ProcessPoolExecutor | None = None
         self._service: JobService | None = None
         self.keys = KeyRing(settings.api_keys)
+        self.metrics = Metrics()
         self.router: APIRouter = build_jobs_router(self)
 
     @property
@@ -81,9 +83,11 @@ class JobQueue:
             max_workers=max(1, min(2, self.settings.workers)), mp_context=process_context()
         )
         if self.run_workers:
-            self.dispatcher = Dispatcher(self.settings, self.db)
+            self.dispatcher = Dispatcher(self.settings, self.db, metrics=self.metrics)
             await self.dispatcher.start()
-        self._service = JobService(self.settings, self.db, self._converter, self.dispatcher)
+        self._service = JobService(
+            self.settings, self.db, self._converter, self.dispatcher, self.metrics
+        )
 
     async def stop(self) -> None:
         if self._service is not None:

@@ -141,10 +141,10 @@ class Client:
 # --- running the service -----------------------------------------------------------------------
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def configure_logging(level: str, fmt: str) -> None:
+    from jobsvc import logs
+
+    logs.configure(level, fmt)
 
 
 @app.command()
@@ -160,12 +160,17 @@ def serve(
     from jobsvc.app import create_app
 
     settings = load_settings()
-    configure_logging(log_level)
+    configure_logging(log_level, settings.log_format)
     with database_errors(settings):
         migrate.upgrade(settings)
     # uvicorn turns SIGTERM into the lifespan's shutdown, which drains the dispatcher.
+    # log_config=None: uvicorn's own lines go through the same (text or JSON) handler.
     uvicorn.run(
-        create_app(settings, migrate_on_start=False), host=host, port=port, log_level=log_level
+        create_app(settings, migrate_on_start=False),
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=None,
     )
 
 
@@ -199,7 +204,7 @@ def worker(
     from jobsvc import migrate
 
     settings = load_settings()
-    configure_logging(log_level)
+    configure_logging(log_level, settings.log_format)
     with database_errors(settings):
         migrate.upgrade(settings)
     asyncio.run(run_worker(settings))
@@ -481,6 +486,41 @@ def db_current() -> None:
     settings = load_settings()
     with database_errors(settings):
         out.print(migrate.current(settings) or "(empty database)")
+
+
+@db_app.command("prune")
+def db_prune(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Age of finished jobs to delete: 30d, 12h, 90m.")
+    ] = "",
+) -> None:
+    """Delete finished jobs (and their inputs, results, events) older than an age
+    (default: JOBSVC_RETENTION_DAYS)."""
+    from datetime import timedelta
+
+    from jobsvc import retention
+    from jobsvc.db import Database
+
+    settings = load_settings()
+    try:
+        age = (
+            retention.parse_age(older_than)
+            if older_than
+            else timedelta(days=settings.retention_days)
+        )
+    except ValueError as error:
+        fail(str(error))
+
+    async def run() -> int:
+        db = Database(settings)
+        try:
+            return await retention.prune(db, age)
+        finally:
+            await db.dispose()
+
+    with database_errors(settings):
+        deleted = asyncio.run(run())
+    out.print(f"deleted {deleted} jobs that finished more than {age} ago")
 
 
 if __name__ == "__main__":

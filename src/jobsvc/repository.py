@@ -17,10 +17,10 @@ from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, func, insert, or_, select, update
+from sqlalchemy import Row, and_, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from jobsvc.models import WAITING, JobStatus, job_events, job_inputs, job_results, jobs
+from jobsvc.models import TERMINAL, WAITING, JobStatus, job_events, job_inputs, job_results, jobs
 from jobsvc.records import AttemptError, InputData, NewJob, ResultData
 
 # PostgreSQL: a NOTIFY on this channel, sent when jobs become due now, wakes every instance.
@@ -474,3 +474,22 @@ async def oldest_waiting_created_at(conn: AsyncConnection) -> datetime | None:
     if value is not None and value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value
+
+
+async def prune_finished(conn: AsyncConnection, finished_before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` finished jobs older than the cutoff (inputs, results and events
+    go with them by cascade); how many were deleted."""
+    ids = (
+        (
+            await conn.execute(
+                select(jobs.c.id)
+                .where(jobs.c.status.in_(TERMINAL), jobs.c.finished_at < finished_before)
+                .limit(limit)
+            )
+        )
+        .scalars()
+        .all()
+    )
+    if ids:
+        await conn.execute(delete(jobs).where(jobs.c.id.in_(ids)))
+    return len(ids)

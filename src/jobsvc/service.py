@@ -32,6 +32,7 @@ from jobsvc.errors import (
     TooLarge,
     UnknownTask,
 )
+from jobsvc.metrics import Metrics
 from jobsvc.models import CANCELLABLE, RETRYABLE, TERMINAL, JobStatus
 from jobsvc.records import InputData, NewJob
 from jobsvc.settings import Settings
@@ -97,11 +98,13 @@ class JobService:
         db: Database,
         converter: Executor,
         dispatcher: Dispatcher | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.converter = converter
         self.dispatcher = dispatcher
+        self.metrics = metrics or Metrics()
         self.committer = GroupCommit(db)
         self.limits = formats.Limits(max_rows=settings.max_rows, max_columns=settings.max_columns)
 
@@ -234,7 +237,9 @@ class JobService:
 
     async def _insert(self, job: NewJob, data: InputData) -> Submitted:
         if job.idempotency_key is None:
-            return Submitted(await self.committer.insert(job, data), created=True)
+            row = await self.committer.insert(job, data)
+            self.metrics.submitted.inc()
+            return Submitted(row, created=True)
         try:
             async with self.db.write() as conn:
                 if job.idempotency_key is not None:
@@ -254,6 +259,7 @@ class JobService:
             if earlier is None:
                 raise
             return self._replay(earlier, job)
+        self.metrics.submitted.inc()
         return Submitted(row, created=True)
 
     @staticmethod
@@ -393,6 +399,13 @@ class JobService:
         """How many jobs are in each state."""
         async with self.db.read() as conn:
             return await repo.count_by_status(conn, owner)
+
+    async def metrics_text(self) -> bytes:
+        """The Prometheus exposition, with the table's current figures."""
+        async with self.db.read() as conn:
+            counts = await repo.count_by_status(conn)
+            oldest = await repo.oldest_waiting_created_at(conn)
+        return self.metrics.render(counts, oldest, self.db.now())
 
     async def health(self) -> None:
         await self.db.ping()

@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="JOBSVC_", extra="ignore")
 
     database_url: str = "sqlite+aiosqlite:///./jobsvc.db"
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Finished jobs (with their inputs, results and events) are deleted after this many days.
+    retention_days: float = Field(default=7.0, gt=0)
     # Comma-separated import paths, imported by the API and by every worker process.
     task_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
     workers: int = Field(default_factory=default_worker_count, ge=1)

@@ -27,17 +27,19 @@ import os
 import random
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing.context import BaseContext
 
+from jobsvc import logs, retention, worker_process
 from jobsvc import repository as repo
-from jobsvc import worker_process
 from jobsvc.db import Database
 from jobsvc.errors import StorageUnavailable
 from jobsvc.listen import JobListener
+from jobsvc.metrics import Metrics
 from jobsvc.records import AttemptError, ResultData
 from jobsvc.settings import Settings
 
@@ -92,7 +94,13 @@ class WorkerProcess:
         parent_end, child_end = context.Pipe()
         self.process = context.Process(  # type: ignore[attr-defined]
             target=worker_process.main,
-            args=(child_end, settings.task_modules, WORKER_NICENESS, settings.worker_memory_mb),
+            args=(
+                child_end,
+                settings.task_modules,
+                WORKER_NICENESS,
+                settings.worker_memory_mb,
+                (settings.log_level, settings.log_format),
+            ),
             name="jobsvc-worker",
             daemon=True,
         )
@@ -158,9 +166,17 @@ class Attempt:
 
 
 class Dispatcher:
-    def __init__(self, settings: Settings, db: Database, *, host: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        *,
+        host: str | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
         self.db = db
+        self.metrics = metrics or Metrics()
         self.host = host or socket.gethostname()
         self.worker_id = repo.new_worker_id(self.host)
         self.running: dict[str, Attempt] = {}
@@ -267,17 +283,24 @@ class Dispatcher:
                 await repo.announce_due_jobs(conn)
         for job_id, status in changed:
             log.warning("job %s lost its worker; now %s", job_id, status)
+            self.metrics.rescues.inc()
         if changed:
             self.notify()
         return changed
 
     async def _sweep_loop(self) -> None:
         interval = max(0.5, self.settings.lease_seconds / 3)
+        next_prune = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             try:
                 await self.db.sync_clock()
                 await self.recover()
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + retention.PRUNE_EVERY_SECONDS
+                    age = timedelta(days=self.settings.retention_days)
+                    if pruned := await retention.prune(self.db, age):
+                        log.info("pruned %d jobs finished more than %s ago", pruned, age)
             except StorageUnavailable as error:
                 log.warning("sweep skipped: %s", error)
             except Exception:
@@ -321,11 +344,17 @@ class Dispatcher:
             attempt.task = asyncio.create_task(self._run(attempt, job), name=f"job-{job.id}")
 
     async def _run(self, attempt: Attempt, job: repo.JobRow) -> None:
+        with logs.job_context(job.id, job.attempts):
+            await self._run_attempt(attempt, job)
+
+    async def _run_attempt(self, attempt: Attempt, job: repo.JobRow) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(attempt))
+        started = time.monotonic()
         try:
             outcome = await self._execute(attempt, job)
             if not attempt.aborted:
                 await self._record(job, outcome)
+                self._observe(job.task, time.monotonic() - started, outcome)
         except Exception:
             # The job keeps its lease; when the lease expires a sweep retries it.
             log.exception("job %s attempt %d: recording its outcome failed", job.id, job.attempts)
@@ -337,6 +366,12 @@ class Dispatcher:
                 self._processes.remove(process)
                 process = await self._spawn()
             self._idle.put_nowait(process)
+
+    def _observe(self, task: str, seconds: float, outcome: ResultData | AttemptError) -> None:
+        if isinstance(outcome, ResultData):
+            self.metrics.observe_attempt(task, seconds, "succeeded")
+        else:
+            self.metrics.observe_attempt(task, seconds, "failed", outcome.type)
 
     async def _execute(self, attempt: Attempt, job: repo.JobRow) -> ResultData | AttemptError:
         async with self.db.read() as conn:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from jobsvc import formats
+from jobsvc import formats, logs
 from jobsvc.records import AttemptError, ResultData
 from jobsvc.tasks import progress, registry
 from jobsvc.tasks.registry import import_task_modules, resolve_function
@@ -78,11 +78,16 @@ def _cap_memory(megabytes: int | None) -> None:
 
 
 def main(
-    conn: Connection, task_modules: list[str], niceness: int, memory_mb: int | None = None
+    conn: Connection,
+    task_modules: list[str],
+    niceness: int,
+    memory_mb: int | None = None,
+    log: tuple[str, str] = ("info", "text"),
 ) -> None:
     if niceness:
         os.nice(niceness)
     _cap_memory(memory_mb)
+    logs.configure(*log)
     import_task_modules(task_modules)
     progress.set_sink(_progress_sender(conn))
     while True:
@@ -93,7 +98,9 @@ def main(
         if request is None:
             return
         try:
-            conn.send(("ok", run(request)))
+            with logs.job_context(request.job_id, request.attempt):
+                outcome = run(request)
+            conn.send(("ok", outcome))
         except BaseException as error:  # a task's SystemExit or MemoryError is its failure too
             conn.send(
                 ("error", AttemptError(type(error).__name__, str(error), traceback.format_exc()))

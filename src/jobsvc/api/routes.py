@@ -19,6 +19,7 @@ from jobsvc.api.auth import KeyRing
 from jobsvc.api.errors import JobsvcRoute
 from jobsvc.api.uploads import body_to_file, upload_to_file
 from jobsvc.errors import InvalidInput, MalformedRequest, NotAcceptable, UnsupportedMediaType
+from jobsvc.metrics import CONTENT_TYPE as metrics_content_type
 from jobsvc.models import JobStatus
 from jobsvc.schemas import (
     EventOut,
@@ -311,6 +312,16 @@ def build_service_router(runtime: Runtime) -> APIRouter:
             )
             for task in registry.all()
         ]
+
+    @router.get(
+        "/metrics",
+        tags=["health"],
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}},
+    )
+    async def metrics() -> Response:
+        """Prometheus metrics: jobs by state, queue depth, attempt durations, failures."""
+        return Response(await runtime.service.metrics_text(), media_type=metrics_content_type)
 
     @router.get(
         "/healthz",

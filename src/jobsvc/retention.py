@@ -1,0 +1,35 @@
+"""Retention: finished jobs are deleted after ``JOBSVC_RETENTION_DAYS``, with their inputs,
+results and events. Every instance's dispatcher prunes now and then; ``jobsvc db prune``
+does it by hand."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+from jobsvc import repository as repo
+from jobsvc.db import Database
+
+PRUNE_EVERY_SECONDS = 3600.0
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_age(text: str) -> timedelta:
+    """``30d``, ``12h``, ``90m``, ``45s`` or ``2w``; ``ValueError`` for anything else."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if match is None:
+        raise ValueError(f"{text!r} is not an age like 30d, 12h, 90m, 45s or 2w")
+    return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+
+
+async def prune(db: Database, older_than: timedelta, batch: int = 500) -> int:
+    """Delete jobs that finished more than ``older_than`` ago, in short transactions (the
+    write lock is never held for long); how many were deleted."""
+    cutoff = db.now() - older_than
+    total = 0
+    while True:
+        async with db.write() as conn:
+            deleted = await repo.prune_finished(conn, cutoff, batch)
+        total += deleted
+        if deleted < batch:
+            return total
