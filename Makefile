@@ -25,8 +25,8 @@ test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests migrations bench
-	$(BIN)/ruff format --check src tests migrations bench
+	$(BIN)/ruff check src tests migrations bench examples
+	$(BIN)/ruff format --check src tests migrations bench examples
 	$(BIN)/mypy
 
 bench: $(STAMP)

@@ -64,6 +64,7 @@ def group_members(pgid: int) -> list[int]:
 
 class LiveServer:
     command = "serve"
+    ready_path = "/healthz"
 
     def __init__(self, database_url: str, log_path: Path, **env: str) -> None:
         self.port = free_port()
@@ -73,20 +74,23 @@ class LiveServer:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LiveServer:
-        command = [sys.executable, "-m", "jobsvc.cli", self.command]
-        if self.command == "serve":
-            command += ["--port", str(self.port)]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                command,
+                self.argv(),
                 env=self.env,
-                cwd=self.log_path.parent,
+                cwd=REPO_ROOT if self.command == "app" else self.log_path.parent,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         self.wait_until_ready()
         return self
+
+    def argv(self) -> list[str]:
+        command = [sys.executable, "-m", "jobsvc.cli", self.command]
+        if self.command == "serve":
+            command += ["--port", str(self.port)]
+        return command
 
     @property
     def pid(self) -> int:
@@ -108,7 +112,7 @@ class LiveServer:
                     f"jobsvc serve exited with {self.process.returncode}:\n" + self.log()
                 )
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=1.0).status_code == 200:
                     return
             except httpx.TransportError:
                 pass  # not listening yet
@@ -184,3 +188,19 @@ class LiveWorker(LiveServer):
     """A real ``jobsvc worker``: workers only, no HTTP."""
 
     command = "worker"
+
+
+class LiveApp(LiveServer):
+    """Any ASGI app (``module:attribute``) under uvicorn, ready when ``ready_path`` answers."""
+
+    command = "app"
+
+    def __init__(
+        self, target: str, database_url: str, log_path: Path, ready_path: str, **env: str
+    ) -> None:
+        super().__init__(database_url, log_path, **env)
+        self.target = target
+        self.ready_path = ready_path
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "uvicorn", self.target, "--port", str(self.port)]
