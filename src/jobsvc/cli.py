@@ -112,8 +112,12 @@ class Client:
 
     def __init__(self) -> None:
         self.url = os.environ.get("JOBSVC_URL", DEFAULT_URL).rstrip("/")
+        key = os.environ.get("JOBSVC_API_KEY")  # for a server that has JOBSVC_API_KEYS set
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         # Uploads may be large and a result may take a while to render: no read timeout.
-        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(10.0, read=None))
+        self.http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=httpx.Timeout(10.0, read=None)
+        )
 
     def __enter__(self) -> Client:
         return self
