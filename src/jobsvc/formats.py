@@ -120,10 +120,10 @@ def parse_upload(path: str, media_type: str, limits: Limits) -> ParsedUpload:
             raise UnsupportedMediaType(
                 f"content type {media_type!r} is not accepted; use one of {', '.join(UPLOAD_TYPES)}"
             )
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise InvalidData(f"the CSV cannot be parsed: {_one_line(error)}") from None
-    except ValueError as error:
-        raise InvalidData(f"the NDJSON cannot be parsed: {_one_line(error)}") from None
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        # UnicodeDecodeError and pandas' parser errors are ValueErrors too.
+        kind = "CSV" if media_type == CSV else "NDJSON"
+        raise InvalidData(f"the {kind} cannot be parsed: {_one_line(error)}") from None
     _check_shape(len(frame), len(frame.columns), limits)
     frame.columns = [str(column) for column in frame.columns]
     return ParsedUpload(frame_to_parquet(frame), len(frame), len(frame.columns), digest)
@@ -223,8 +223,9 @@ def encode_result(value: Any) -> ResultData:
 
 
 def _has_meaningful_index(frame: pd.DataFrame) -> bool:
-    index = frame.index
-    return not (isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1)
+    # A named index (set_index, a group-by key) is data; unnamed labels left by a filter or
+    # a sort are only row numbers, and would come back as a stray "index" column.
+    return any(name is not None for name in frame.index.names)
 
 
 def _json_default(value: Any) -> Any:

@@ -95,6 +95,7 @@ def choose_media_type(accept: str | None, offered: list[str]) -> str:
     if not accept:
         return offered[0]
     ranges: list[tuple[float, int, str]] = []
+    refused: set[str] = set()  # q=0 says "not this one", even where */* would match it
     for position, part in enumerate(accept.split(",")):
         media, *parameters = (piece.strip() for piece in part.split(";"))
         quality = 1.0
@@ -105,12 +106,15 @@ def choose_media_type(accept: str | None, offered: list[str]) -> str:
                     quality = float(value)
                 except ValueError:
                     quality = 0.0
+        media = formats.normalise_media_type(media)
         if media and quality > 0:
-            ranges.append((-quality, position, formats.normalise_media_type(media)))
+            ranges.append((-quality, position, media))
+        elif media:
+            refused.add(media)
     for _, _, media in sorted(ranges):
         for candidate in offered:
             kind = candidate.split("/")[0]
-            if media in (candidate, "*/*", f"{kind}/*"):
+            if media in (candidate, "*/*", f"{kind}/*") and candidate not in refused:
                 return candidate
     raise NotAcceptable(f"the result is available as {', '.join(offered)}")
 
