@@ -78,3 +78,16 @@ async def test_another_keys_job_does_not_exist(keyed_app: FastAPI) -> None:
 
 async def test_without_keys_the_service_is_open(client: httpx.AsyncClient) -> None:
     assert (await client.get("/jobs")).status_code == 200
+
+
+async def test_a_cross_site_post_cannot_change_jobs(client: httpx.AsyncClient) -> None:
+    """On an open service, a page on another site must not cancel jobs through a visitor."""
+    job = await client.post("/jobs", json={"task": "double", "data": [], "run_at": "2999-01-01"})
+    job_id = job.json()["id"]
+    forged = await client.post(f"/jobs/{job_id}/cancel", headers={"Origin": "http://evil.example"})
+    assert forged.status_code == 403
+    fetched = await client.post(f"/jobs/{job_id}/cancel", headers={"Sec-Fetch-Site": "cross-site"})
+    assert fetched.status_code == 403
+    assert (await client.get(f"/jobs/{job_id}")).json()["status"] == "queued"
+    same_site = await client.post(f"/jobs/{job_id}/cancel", headers={"Origin": "http://jobsvc"})
+    assert same_site.status_code == 200

@@ -17,9 +17,10 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 
 from jobsvc import migrate
-from jobsvc.api.auth import KeyRing, RequireKey
+from jobsvc.api.auth import KeyRing, RefuseCrossSite, RequireKey
 from jobsvc.api.limits import BodySizeLimit
 from jobsvc.api.routes import build_jobs_router, build_service_router
+from jobsvc.api.ui import build_ui_router
 from jobsvc.db import Database
 from jobsvc.errors import StorageUnavailable
 from jobsvc.metrics import Metrics
@@ -147,7 +148,9 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     app.state.queue = queue
     app.include_router(queue.router, prefix="/jobs")
     app.include_router(build_service_router(queue))
+    app.include_router(build_ui_router(queue), prefix="/ui")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RefuseCrossSite)
     # Outermost: a request without a valid key is refused before anything reads its body.
     app.add_middleware(RequireKey, keys=queue.keys)
     return app

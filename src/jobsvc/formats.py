@@ -50,6 +50,7 @@ def normalise_media_type(content_type: str | None) -> str:
 class Limits:
     max_rows: int
     max_columns: int
+    max_cell_chars: int
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,33 @@ def _check_shape(rows: int, columns: int, limits: Limits) -> None:
         raise TooLarge(f"the data has {columns} columns; the limit is {limits.max_columns}")
     if rows > limits.max_rows:
         raise TooLarge(f"the data has {rows} rows; the limit is {limits.max_rows}")
+
+
+def _check_cells(frame: pd.DataFrame, limits: Limits) -> None:
+    for column in frame.columns:
+        values = frame[column]
+        if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_datetime64_any_dtype(values):
+            continue
+        longest = values.astype("string").str.len().max()
+        if pd.notna(longest) and int(longest) > limits.max_cell_chars:
+            raise TooLarge(
+                f"column {column!r} has a cell of {int(longest)} characters; "
+                f"the limit is {limits.max_cell_chars}"
+            )
+
+
+def check_records(records: list[dict[str, Any]], limits: Limits) -> int:
+    """Check submitted records against the limits; their number of columns."""
+    columns = max((len(record) for record in records), default=0)
+    _check_shape(len(records), columns, limits)
+    for record in records:
+        for name, value in record.items():
+            if isinstance(value, str) and len(value) > limits.max_cell_chars:
+                raise TooLarge(
+                    f"field {name!r} has a value of {len(value)} characters; "
+                    f"the limit is {limits.max_cell_chars}"
+                )
+    return columns
 
 
 def _csv_header_width(path: Path) -> int:
@@ -125,6 +153,7 @@ def parse_upload(path: str, media_type: str, limits: Limits) -> ParsedUpload:
         kind = "CSV" if media_type == CSV else "NDJSON"
         raise InvalidData(f"the {kind} cannot be parsed: {_one_line(error)}") from None
     _check_shape(len(frame), len(frame.columns), limits)
+    _check_cells(frame, limits)
     frame.columns = [str(column) for column in frame.columns]
     return ParsedUpload(frame_to_parquet(frame), len(frame), len(frame.columns), digest)
 

@@ -29,7 +29,6 @@ from jobsvc.errors import (
     InvalidParams,
     NotAcceptable,
     NotFound,
-    TooLarge,
     UnknownTask,
 )
 from jobsvc.metrics import Metrics
@@ -106,7 +105,11 @@ class JobService:
         self.dispatcher = dispatcher
         self.metrics = metrics or Metrics()
         self.committer = GroupCommit(db)
-        self.limits = formats.Limits(max_rows=settings.max_rows, max_columns=settings.max_columns)
+        self.limits = formats.Limits(
+            max_rows=settings.max_rows,
+            max_columns=settings.max_columns,
+            max_cell_chars=settings.max_cell_chars,
+        )
 
     async def _convert(self, func: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.converter, func, *args)
@@ -157,12 +160,8 @@ class JobService:
     async def submit_records(
         self, spec: JobSpec, records: list[dict[str, Any]], owner: str = ""
     ) -> Submitted:
+        columns = formats.check_records(records, self.limits)
         payload = json.dumps(records, separators=(",", ":"), default=str).encode()
-        columns = max((len(record) for record in records), default=0)
-        if len(records) > self.limits.max_rows:
-            raise TooLarge(f"data has {len(records)} rows; the limit is {self.limits.max_rows}")
-        if columns > self.limits.max_columns:
-            raise TooLarge(f"data has {columns} columns; the limit is {self.limits.max_columns}")
         digest = hashlib.sha256(payload).hexdigest() if spec.idempotency_key else ""
         job = self._new_job(spec, owner, digest)
         return await self._insert(job, InputData("json", payload, len(records), columns))
@@ -367,6 +366,7 @@ class JobService:
                 values={
                     "attempts": 0,
                     "run_at": now,
+                    "started_at": None,
                     "finished_at": None,
                     "progress": None,
                     "error_type": None,

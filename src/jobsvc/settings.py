@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     max_rows: int = Field(default=50_000_000, ge=1)
     max_columns: int = Field(default=10_000, ge=1)
+    max_cell_chars: int = Field(default=1_000_000, ge=1)
     # When set (comma-separated), every request but GET /healthz needs one of these keys.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
     lease_seconds: float = Field(default=30.0, gt=0)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from urllib.parse import urlsplit
 
 from starlette.requests import HTTPConnection
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from jobsvc.api.errors import error_response
@@ -19,6 +21,7 @@ from jobsvc.errors import Unauthorized
 
 OPEN_OWNER = ""
 PUBLIC_PATHS = frozenset({"/healthz"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def fingerprint(key: str) -> str:
@@ -68,5 +71,38 @@ class RequireKey:
                 self.keys.owner(HTTPConnection(scope))
             except Unauthorized as error:
                 await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def same_origin(connection: HTTPConnection) -> bool:
+    """False for a request a browser sent on another site's behalf (a forged form post).
+
+    Browsers send ``Origin`` with every POST and ``Sec-Fetch-Site`` with every request; a
+    client that sends neither (curl, the CLI) is not a browser that could have been tricked.
+    """
+    if connection.headers.get("sec-fetch-site") == "cross-site":
+        return False
+    origin = connection.headers.get("origin")
+    if origin is None:
+        return True
+    return urlsplit(origin).netloc == connection.headers.get("host", "")
+
+
+class RefuseCrossSite:
+    """Cancel and retry take no body, so any web page could post them from a visitor's
+    browser to an open service: unsafe methods from another site are refused (403)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in SAFE_METHODS:
+            connection = HTTPConnection(scope)
+            if not same_origin(connection):
+                response = JSONResponse(
+                    {"detail": "cross-site requests may not change jobs"}, status_code=403
+                )
+                await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

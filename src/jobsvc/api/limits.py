@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobsvc.api.errors import error_response
-from jobsvc.errors import TooLarge
+from jobsvc.errors import TooLarge, UnsupportedMediaType
 
 
 def too_large(limit: int) -> TooLarge:
@@ -26,6 +26,15 @@ class BodySizeLimit:
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 await error_response(too_large(self.max_bytes))(scope, receive, send)
+                return
+            if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+                # A compressed body's size says nothing of what it inflates to: refuse it.
+                encoding = value.decode(errors="replace")
+                refusal = UnsupportedMediaType(
+                    f"compressed request bodies (Content-Encoding: {encoding}) are not "
+                    "accepted; send the data uncompressed"
+                )
+                await error_response(refusal)(scope, receive, send)
                 return
         received = 0
 

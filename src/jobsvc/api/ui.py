@@ -1,9 +1,10 @@
 """The operator dashboard: server-rendered pages over the same service the JSON API uses.
 
 ``/`` lists jobs (counts by state, filters, cursor pages); ``/jobs/{id}`` shows one job with
-its events and Retry / Cancel buttons (plain HTML forms). Pages that show active jobs refresh
-themselves with a few lines of JavaScript (no CDN, no build step), and with a ``<noscript>``
-meta refresh where scripts are off.
+its events and Retry / Cancel buttons (plain HTML forms). The pages refresh themselves with a
+few lines of JavaScript (no CDN, no build step): every 2 s while jobs are active, the list every
+5 s otherwise (to see new jobs), a finished job's page not at all; a ``<noscript>`` meta refresh
+covers active pages where scripts are off.
 
 No `from __future__ import annotations` here, for the reason given in ``routes.py``.
 """
@@ -13,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import jinja2
 from fastapi import APIRouter, Depends, Query, Request
@@ -21,7 +22,7 @@ from fastapi.responses import RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from starlette.routing import NoMatchFound
 
-from jobsvc.api.errors import status_of
+from jobsvc.api.errors import JobsvcRoute, status_of
 from jobsvc.api.routes import Runtime
 from jobsvc.errors import Conflict, JobsvcError, NotFound
 from jobsvc.models import ACTIVE, CANCELLABLE, RETRYABLE, JobStatus
@@ -42,11 +43,6 @@ STATES: tuple[JobStatus, ...] = (
     JobStatus.FAILED,
     JobStatus.CANCELLED,
 )
-
-
-def ui_owner() -> str:
-    """Whose jobs the dashboard shows. The one place to change when API keys reach the UI."""
-    return ""  # an open service: jobs belong to no one in particular
 
 
 def format_time(value: datetime | None) -> str:
@@ -104,28 +100,23 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def _same_origin(request: Request) -> bool:
-    """False for a form posted from another site (a forged Cancel button on someone's page).
-
-    Browsers send ``Origin`` with every POST; a client that sends none (curl, tests) is not a
-    browser that could have been tricked into it.
-    """
-    origin = request.headers.get("origin")
-    if origin is None:
-        return True
-    return urlsplit(origin).netloc == request.headers.get("host", "")
-
-
 def build_ui_router(runtime: Runtime) -> APIRouter:
     """The dashboard routes, bound to one running service; mount it at ``/ui``."""
-    router = APIRouter(tags=["ui"], include_in_schema=False)
+    # JobsvcRoute only catches what the pages cannot: a service that is not running (raised
+    # by the dependency, before a page exists) becomes the API's 503 rather than a 500.
+    router = APIRouter(route_class=JobsvcRoute, tags=["ui"], include_in_schema=False)
     templates = Jinja2Templates(env=_environment())
 
     def get_service() -> JobService:
         return runtime.service
 
+    def get_owner(request: Request) -> str:
+        """Whose jobs the pages show: the same rule as the JSON API's (``""`` on an open
+        service; with API keys, the key in the request's ``Authorization`` header)."""
+        return runtime.keys.owner(request)
+
     ServiceDep = Annotated[JobService, Depends(get_service)]
-    OwnerDep = Annotated[str, Depends(ui_owner)]
+    OwnerDep = Annotated[str, Depends(get_owner)]
 
     def api_url(request: Request, name: str, **params: str) -> str | None:
         """A link into the JSON API, or None where this app does not mount it."""
@@ -263,17 +254,6 @@ def build_ui_router(runtime: Runtime) -> APIRouter:
     async def act(
         request: Request, service: JobService, owner: str, job_id: str, verb: str
     ) -> Response:
-        if not _same_origin(request):
-            return render(
-                request,
-                "error.html",
-                {
-                    "title": "Refused",
-                    "status": 403,
-                    "message": "This form was posted from another site.",
-                },
-                status_code=403,
-            )
         try:
             if verb == "retry":
                 await service.retry(job_id, owner)
@@ -302,4 +282,4 @@ def build_ui_router(runtime: Runtime) -> APIRouter:
     return router
 
 
-__all__ = ["build_ui_router", "ui_owner"]
+__all__ = ["build_ui_router"]
