@@ -271,7 +271,10 @@ def _cast(series: pd.Series[Any], to: CastType) -> pd.Series[Any]:
     if to == "str":
         return series.astype("str")
     if to == "datetime":
-        return pd.to_datetime(series)
+        with warnings.catch_warnings():
+            # Mixed formats parse one by one; pandas says so on every call, which is noise here.
+            warnings.simplefilter("ignore", UserWarning)
+            return pd.to_datetime(series)
     # astype(bool) would make every non-empty string True, "false" included.
     if numeric:
         return series.ne(0).astype("boolean").mask(series.isna())
