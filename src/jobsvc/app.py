@@ -10,7 +10,6 @@ import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,7 +26,7 @@ from jobsvc.metrics import Metrics
 from jobsvc.service import JobService
 from jobsvc.settings import Settings
 from jobsvc.tasks import import_task_modules
-from jobsvc.worker import Dispatcher, process_context
+from jobsvc.worker import ConverterPool, Dispatcher
 
 log = logging.getLogger("jobsvc")
 
@@ -56,7 +55,7 @@ class JobQueue:
         self.run_workers = run_workers
         self.db: Database | None = None
         self.dispatcher: Dispatcher | None = None
-        self._converter: ProcessPoolExecutor | None = None
+        self._converter: ConverterPool | None = None
         self._service: JobService | None = None
         self.keys = KeyRing(settings.api_keys)
         self.metrics = Metrics()
@@ -80,9 +79,7 @@ class JobQueue:
             # Alembic runs its own event loop: give it a thread.
             await asyncio.to_thread(migrate.upgrade, self.settings)
         self.db = Database(self.settings)
-        self._converter = ProcessPoolExecutor(
-            max_workers=max(1, min(2, self.settings.workers)), mp_context=process_context()
-        )
+        self._converter = ConverterPool(size=max(1, min(2, self.settings.workers)))
         if self.run_workers:
             self.dispatcher = Dispatcher(self.settings, self.db, metrics=self.metrics)
             await self.dispatcher.start()
@@ -98,7 +95,7 @@ class JobQueue:
             await self.dispatcher.stop()
             self.dispatcher = None
         if self._converter is not None:
-            self._converter.shutdown(wait=True, cancel_futures=True)
+            self._converter.shutdown()
             self._converter = None
         if self.db is not None:
             await self.db.dispose()

@@ -7,11 +7,9 @@ upload, rendering a result) goes to the converter pool, a process pool, never th
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -37,7 +35,7 @@ from jobsvc.records import InputData, NewJob
 from jobsvc.settings import Settings
 from jobsvc.tasks import registry
 from jobsvc.tasks.registry import function_path, task_for
-from jobsvc.worker import Dispatcher
+from jobsvc.worker import ConverterPool, Dispatcher
 
 
 @dataclass(frozen=True)
@@ -95,7 +93,7 @@ class JobService:
         self,
         settings: Settings,
         db: Database,
-        converter: Executor,
+        converter: ConverterPool,
         dispatcher: Dispatcher | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -112,7 +110,7 @@ class JobService:
         )
 
     async def _convert(self, func: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.converter, func, *args)
+        return await self.converter.run(func, *args)
 
     # --- submit ------------------------------------------------------------------------------
 

@@ -29,10 +29,12 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing.context import BaseContext
+from typing import Any
 
 from jobsvc import logs, retention, worker_process
 from jobsvc import repository as repo
@@ -85,6 +87,34 @@ def describe_exit(exitcode: int | None) -> str:
         hint = " (out of memory?)" if -exitcode == signal.SIGKILL else ""
         return f"its worker process was killed by {name}{hint}"
     return f"its worker process exited with status {exitcode}"
+
+
+class ConverterPool:
+    """The API's processes for parsing uploads and rendering results.
+
+    A pool whose process died (killed, out of memory) refuses all further work; this one is
+    replaced and the call tried once more, so one lost process never breaks the API.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._pool = self._new()
+
+    def _new(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self.size, mp_context=process_context())
+
+    async def run(self, func: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, func, *args)
+        except BrokenProcessPool:
+            log.warning("a converter process died; starting a new pool")
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new()
+            return await loop.run_in_executor(self._pool, func, *args)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class WorkerProcess:
