@@ -55,3 +55,15 @@ async def test_compressed_bodies_are_refused(small: httpx.AsyncClient) -> None:
     assert response.status_code == 415
     assert "compressed" in response.json()["detail"]
     assert await no_jobs(small)
+
+
+async def test_blank_ndjson_is_refused(small: httpx.AsyncClient) -> None:
+    response = await small.post(
+        "/jobs",
+        params={"task": "summarize"},
+        content=b"\n\n",
+        headers={"content-type": "application/x-ndjson"},
+    )
+    assert response.status_code == 422
+    assert "NDJSON" in response.json()["detail"]
+    assert await no_jobs(small)

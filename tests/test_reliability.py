@@ -7,6 +7,7 @@ paused worker would leave it) and check what the repository and dispatcher make 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -267,3 +268,10 @@ async def test_retry_timer_wakes_the_dispatcher(database_url: str, tmp_path: Pat
             )
             done = await wait_for_status(client, job["id"], timeout=20)
             assert (done["status"], done["attempts"]) == ("succeeded", 3)
+
+
+def test_job_ids_are_uuid7_in_creation_order() -> None:
+    ids = [repo.new_job_id() for _ in range(5000)]  # many share a millisecond
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    assert {uuid.UUID(i).version for i in ids} == {7}

@@ -152,6 +152,9 @@ def parse_upload(path: str, media_type: str, limits: Limits) -> ParsedUpload:
         # UnicodeDecodeError and pandas' parser errors are ValueErrors too.
         kind = "CSV" if media_type == CSV else "NDJSON"
         raise InvalidData(f"the {kind} cannot be parsed: {_one_line(error)}") from None
+    if len(frame.columns) == 0:
+        kind = "CSV" if media_type == CSV else "NDJSON"
+        raise InvalidData(f"the {kind} holds no data (no columns)")
     _check_shape(len(frame), len(frame.columns), limits)
     _check_cells(frame, limits)
     frame.columns = [str(column) for column in frame.columns]

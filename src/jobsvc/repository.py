@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 import time
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
@@ -37,11 +38,27 @@ async def announce_due_jobs(conn: AsyncConnection) -> None:
         await conn.execute(select(func.pg_notify(JOBS_CHANNEL, "")))
 
 
+_id_lock = threading.Lock()
+_id_clock = {"ms": 0, "sequence": 0}
+
+
 def new_job_id() -> str:
-    """A UUIDv7 string: time-ordered, so ``ORDER BY id`` is the order of creation."""
-    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    """A UUIDv7 string, monotonic within this process (RFC 9562, 6.2 method 1): ids made in
+    the same millisecond count up in ``rand_a``, so ``ORDER BY id`` is the order of creation."""
+    with _id_lock:
+        ms = time.time_ns() // 1_000_000
+        if ms <= _id_clock["ms"]:
+            ms = _id_clock["ms"]
+            _id_clock["sequence"] += 1
+            if _id_clock["sequence"] > 0xFFF:  # 4096 ids in one millisecond: borrow the next
+                ms += 1
+                _id_clock["sequence"] = 0
+        else:
+            _id_clock["sequence"] = secrets.randbelow(0x800)  # leave room to count up
+        _id_clock["ms"] = ms
+        sequence = _id_clock["sequence"]
+    random_bits = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    value = ms << 80 | 0x7 << 76 | sequence << 64 | 0x2 << 62 | random_bits
     hex_ = f"{value:032x}"
     return f"{hex_[:8]}-{hex_[8:12]}-{hex_[12:16]}-{hex_[16:20]}-{hex_[20:]}"
 

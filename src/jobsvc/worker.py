@@ -390,7 +390,9 @@ class Dispatcher:
             log.exception("job %s attempt %d: recording its outcome failed", job.id, job.attempts)
         finally:
             heartbeat.cancel()
-            self.running.pop(job.id, None)
+            # A retried job may already run again as a newer attempt: remove only our own.
+            if self.running.get(job.id) is attempt:
+                del self.running[job.id]
             process = attempt.process
             if not process.alive and not self._stopping:
                 self._processes.remove(process)
