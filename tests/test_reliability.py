@@ -50,7 +50,8 @@ async def new_job(db: Database, max_attempts: int = 3) -> str:
 async def claim(db: Database, worker: str, lease: float = 30.0) -> Any:
     now = repo.utcnow()
     async with db.write() as conn:
-        return await repo.claim_next(conn, worker, now, now + timedelta(seconds=lease))
+        claimed = await repo.claim(conn, worker, now, now + timedelta(seconds=lease))
+    return claimed[0] if claimed else None
 
 
 async def job_row(db: Database, job_id: str) -> Any:
@@ -275,3 +276,31 @@ def test_job_ids_are_uuid7_in_creation_order() -> None:
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
     assert {uuid.UUID(i).version for i in ids} == {7}
+
+
+async def test_one_claim_takes_several_jobs_in_priority_order(db: Database) -> None:
+    ids = []
+    for priority in (5, 1, 3, 0, 9):
+        async with db.write() as conn:
+            row = await repo.insert_job(
+                conn,
+                NewJob(
+                    task="double",
+                    params={},
+                    max_attempts=1,
+                    retry_delay_seconds=0,
+                    priority=priority,
+                ),
+                None,
+                repo.utcnow(),
+            )
+        ids.append((priority, row.id))
+    now = repo.utcnow()
+    async with db.write() as conn:
+        first = await repo.claim(conn, "a:1:x", now, now + timedelta(seconds=30), limit=3)
+    async with db.write() as conn:
+        second = await repo.claim(conn, "b:2:y", now, now + timedelta(seconds=30), limit=3)
+    by_priority = [job_id for _, job_id in sorted(ids)]
+    assert [row.id for row in first] == by_priority[:3]
+    assert [row.id for row in second] == by_priority[3:]
+    assert {row.attempts for row in first + second} == {1}

@@ -215,11 +215,6 @@ async def list_events(conn: AsyncConnection, job_id: str) -> Sequence[JobRow]:
     return (await conn.execute(query)).all()
 
 
-async def get_input(conn: AsyncConnection, job_id: str) -> JobRow | None:
-    query = select(job_inputs).where(job_inputs.c.job_id == job_id)
-    return (await conn.execute(query)).first()
-
-
 async def get_result(conn: AsyncConnection, job_id: str) -> JobRow | None:
     query = select(job_results).where(job_results.c.job_id == job_id)
     return (await conn.execute(query)).first()
@@ -256,22 +251,22 @@ async def transition(
 # --- the runner's side: claim, heartbeat, progress, finish ---------------------------------
 
 
-async def claim_next(
-    conn: AsyncConnection, worker: str, now: datetime, lease_until: datetime
-) -> JobRow | None:
-    """Take the first due job (by priority, then due time) and start an attempt of it."""
-    candidate = (
+async def claim(
+    conn: AsyncConnection, worker: str, now: datetime, lease_until: datetime, limit: int = 1
+) -> list[JobRow]:
+    """Take up to ``limit`` due jobs (by priority, then due time) and start an attempt of each,
+    in one statement; the rows, in claim order."""
+    candidates = (
         select(jobs.c.id)
         .where(jobs.c.status.in_(WAITING), jobs.c.run_at <= now)
         .order_by(jobs.c.priority, jobs.c.run_at, jobs.c.id)
-        .limit(1)
+        .limit(limit)
         .with_for_update(skip_locked=True)
-        .scalar_subquery()
     )
-    row = (
+    rows = (
         await conn.execute(
             update(jobs)
-            .where(jobs.c.id == candidate, jobs.c.status.in_(WAITING))
+            .where(jobs.c.id.in_(candidates.scalar_subquery()), jobs.c.status.in_(WAITING))
             .values(
                 status=JobStatus.RUNNING,
                 attempts=jobs.c.attempts + 1,
@@ -283,10 +278,27 @@ async def claim_next(
             )
             .returning(*jobs.c)
         )
-    ).first()
-    if row is not None:
-        await add_event(conn, row.id, JobStatus.RUNNING, row.attempts, now, worker=worker)
-    return row
+    ).all()
+    if rows:
+        await conn.execute(
+            insert(job_events),
+            [
+                {
+                    "job_id": row.id,
+                    "at": now,
+                    "status": JobStatus.RUNNING,
+                    "attempt": row.attempts,
+                    "worker": worker,
+                }
+                for row in rows
+            ],
+        )
+    return sorted(rows, key=lambda row: (row.priority, row.run_at, row.id))
+
+
+async def get_inputs(conn: AsyncConnection, job_ids: Sequence[str]) -> dict[str, JobRow]:
+    query = select(job_inputs).where(job_inputs.c.job_id.in_(job_ids))
+    return {row.job_id: row for row in (await conn.execute(query)).all()}
 
 
 def _held_by(job_id: str, worker: str, attempt: int) -> Any:

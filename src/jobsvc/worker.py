@@ -346,42 +346,53 @@ class Dispatcher:
         self._processes.append(process)
         return process
 
-    async def _claim(self) -> repo.JobRow | None:
+    async def _claim(self, limit: int) -> list[tuple[repo.JobRow, repo.JobRow | None]]:
+        """Claim up to ``limit`` jobs, with their inputs, in one transaction."""
         now = self.db.now()
         lease_until = now + timedelta(seconds=self.settings.lease_seconds)
         async with self.db.write() as conn:
-            return await repo.claim_next(conn, self.worker_id, now, lease_until)
+            claimed = await repo.claim(conn, self.worker_id, now, lease_until, limit)
+            inputs = await repo.get_inputs(conn, [job.id for job in claimed]) if claimed else {}
+        return [(job, inputs.get(job.id)) for job in claimed]
 
     async def _claim_loop(self) -> None:
         while not self._stopping:
-            process = await self._idle.get()
+            # Every idle process at once: one transaction (one disk flush) claims for all.
+            idle = [await self._idle.get()]
+            while not self._idle.empty():
+                idle.append(self._idle.get_nowait())
             self._wake.clear()
             try:
-                job = await self._claim()
+                claimed = await self._claim(len(idle))
             except StorageUnavailable as error:
                 log.warning("cannot claim jobs now: %s", error)
-                job = None
+                claimed = []
             except Exception:
-                log.exception("claiming a job failed; trying again shortly")
-                job = None
-            if job is None:
+                log.exception("claiming jobs failed; trying again shortly")
+                claimed = []
+            for process, (job, stored) in zip(idle, claimed, strict=False):
+                attempt = Attempt(job.id, job.attempts, process)
+                self.running[job.id] = attempt
+                attempt.task = asyncio.create_task(
+                    self._run(attempt, job, stored), name=f"job-{job.id}"
+                )
+            for process in idle[len(claimed) :]:
                 self._idle.put_nowait(process)
+            if len(claimed) < len(idle):  # nothing more is due: sleep until told or polled
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
-                continue
-            attempt = Attempt(job.id, job.attempts, process)
-            self.running[job.id] = attempt
-            attempt.task = asyncio.create_task(self._run(attempt, job), name=f"job-{job.id}")
 
-    async def _run(self, attempt: Attempt, job: repo.JobRow) -> None:
+    async def _run(self, attempt: Attempt, job: repo.JobRow, stored: repo.JobRow | None) -> None:
         with logs.job_context(job.id, job.attempts):
-            await self._run_attempt(attempt, job)
+            await self._run_attempt(attempt, job, stored)
 
-    async def _run_attempt(self, attempt: Attempt, job: repo.JobRow) -> None:
+    async def _run_attempt(
+        self, attempt: Attempt, job: repo.JobRow, stored: repo.JobRow | None
+    ) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(attempt))
         started = time.monotonic()
         try:
-            outcome = await self._execute(attempt, job)
+            outcome = await self._execute(attempt, job, stored)
             if not attempt.aborted:
                 await self._record(job, outcome)
                 self._observe(job.task, time.monotonic() - started, outcome)
@@ -405,9 +416,9 @@ class Dispatcher:
         else:
             self.metrics.observe_attempt(task, seconds, "failed", outcome.type)
 
-    async def _execute(self, attempt: Attempt, job: repo.JobRow) -> ResultData | AttemptError:
-        async with self.db.read() as conn:
-            stored = await repo.get_input(conn, job.id)
+    async def _execute(
+        self, attempt: Attempt, job: repo.JobRow, stored: repo.JobRow | None
+    ) -> ResultData | AttemptError:
         request = worker_process.RunRequest(
             job_id=job.id,
             attempt=job.attempts,
