@@ -68,15 +68,18 @@ class Database:
         if self.dialect == "sqlite":
             self._write_lock: asyncio.Lock | None = asyncio.Lock()
             self.writer = create_async_engine(self.url, pool_size=1, max_overflow=1)
-            self.reader = create_async_engine(self.url, pool_size=4, max_overflow=4)
-            for engine, immediate in ((self.writer, True), (self.reader, False)):
+            # Reads run in autocommit (no BEGIN, nothing to roll back on return): each read is
+            # one statement's snapshot, and costs no extra round trips to the driver's thread.
+            self.reader = create_async_engine(
+                self.url, pool_size=4, max_overflow=4, pool_reset_on_return=None
+            )
+            for engine in (self.writer, self.reader):
                 event.listen(engine.sync_engine, "connect", _sqlite_pragmas(settings))
-                begin_sql = "BEGIN IMMEDIATE" if immediate else "BEGIN"
-                event.listen(
-                    engine.sync_engine,
-                    "begin",
-                    lambda conn, sql=begin_sql: conn.exec_driver_sql(sql),
-                )
+            event.listen(
+                self.writer.sync_engine,
+                "begin",
+                lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"),
+            )
         else:
             self._write_lock = None
             self.writer = create_async_engine(self.url, pool_size=10, max_overflow=10)

@@ -346,14 +346,19 @@ class Dispatcher:
         self._processes.append(process)
         return process
 
-    async def _claim(self, limit: int) -> list[tuple[repo.JobRow, repo.JobRow | None]]:
-        """Claim up to ``limit`` jobs, with their inputs, in one transaction."""
+    async def _claim_in(
+        self, conn: Any, limit: int
+    ) -> list[tuple[repo.JobRow, repo.JobRow | None]]:
         now = self.db.now()
         lease_until = now + timedelta(seconds=self.settings.lease_seconds)
-        async with self.db.write() as conn:
-            claimed = await repo.claim(conn, self.worker_id, now, lease_until, limit)
-            inputs = await repo.get_inputs(conn, [job.id for job in claimed]) if claimed else {}
+        claimed = await repo.claim(conn, self.worker_id, now, lease_until, limit)
+        inputs = await repo.get_inputs(conn, [job.id for job in claimed]) if claimed else {}
         return [(job, inputs.get(job.id)) for job in claimed]
+
+    async def _claim(self, limit: int) -> list[tuple[repo.JobRow, repo.JobRow | None]]:
+        """Claim up to ``limit`` jobs, with their inputs, in one transaction."""
+        async with self.db.write() as conn:
+            return await self._claim_in(conn, limit)
 
     async def _claim_loop(self) -> None:
         while not self._stopping:
@@ -371,10 +376,9 @@ class Dispatcher:
                 log.exception("claiming jobs failed; trying again shortly")
                 claimed = []
             for process, (job, stored) in zip(idle, claimed, strict=False):
-                attempt = Attempt(job.id, job.attempts, process)
-                self.running[job.id] = attempt
+                attempt = self._track(Attempt(job.id, job.attempts, process))
                 attempt.task = asyncio.create_task(
-                    self._run(attempt, job, stored), name=f"job-{job.id}"
+                    self._run(attempt, job, stored), name=f"worker-{process.process.pid}"
                 )
             for process in idle[len(claimed) :]:
                 self._idle.put_nowait(process)
@@ -382,33 +386,57 @@ class Dispatcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
 
-    async def _run(self, attempt: Attempt, job: repo.JobRow, stored: repo.JobRow | None) -> None:
-        with logs.job_context(job.id, job.attempts):
-            await self._run_attempt(attempt, job, stored)
+    def _track(self, attempt: Attempt) -> Attempt:
+        self.running[attempt.job_id] = attempt
+        return attempt
 
-    async def _run_attempt(
-        self, attempt: Attempt, job: repo.JobRow, stored: repo.JobRow | None
-    ) -> None:
-        heartbeat = asyncio.create_task(self._heartbeat(attempt))
-        started = time.monotonic()
+    def _untrack(self, attempt: Attempt) -> None:
+        # A retried job may already run again as a newer attempt: remove only our own.
+        if self.running.get(attempt.job_id) is attempt:
+            del self.running[attempt.job_id]
+
+    async def _run(self, attempt: Attempt, job: repo.JobRow, stored: repo.JobRow | None) -> None:
+        """Run jobs on one worker process until none is due: each attempt's outcome and the
+        claim of the process's next job share one transaction, so a busy queue costs one
+        commit per job and the process never waits for the claim loop."""
+        process = attempt.process
+        next_job: tuple[repo.JobRow, repo.JobRow | None] | None = (job, stored)
         try:
-            outcome = await self._execute(attempt, job, stored)
-            if not attempt.aborted:
-                await self._record(job, outcome)
-                self._observe(job.task, time.monotonic() - started, outcome)
-        except Exception:
-            # The job keeps its lease; when the lease expires a sweep retries it.
-            log.exception("job %s attempt %d: recording its outcome failed", job.id, job.attempts)
+            while next_job is not None:
+                job, stored = next_job
+                if attempt.job_id != job.id:
+                    attempt = self._track(Attempt(job.id, job.attempts, process))
+                    attempt.task = asyncio.current_task()
+                with logs.job_context(job.id, job.attempts):
+                    next_job = await self._run_attempt(attempt, job, stored)
         finally:
-            heartbeat.cancel()
-            # A retried job may already run again as a newer attempt: remove only our own.
-            if self.running.get(job.id) is attempt:
-                del self.running[job.id]
-            process = attempt.process
             if not process.alive and not self._stopping:
                 self._processes.remove(process)
                 process = await self._spawn()
             self._idle.put_nowait(process)
+
+    async def _run_attempt(
+        self, attempt: Attempt, job: repo.JobRow, stored: repo.JobRow | None
+    ) -> tuple[repo.JobRow, repo.JobRow | None] | None:
+        """One attempt; returns the next job claimed for the same process, if any."""
+        heartbeat = asyncio.create_task(self._heartbeat(attempt))
+        started = time.monotonic()
+        try:
+            outcome = await self._execute(attempt, job, stored)
+            heartbeat.cancel()
+            if attempt.aborted:
+                return None
+            keep_going = not self._stopping and attempt.process.alive
+            next_job = await self._record(job, outcome, claim_next=keep_going)
+            self._observe(job.task, time.monotonic() - started, outcome)
+            return next_job
+        except Exception:
+            # The job keeps its lease; when the lease expires a sweep retries it.
+            log.exception("job %s attempt %d: recording its outcome failed", job.id, job.attempts)
+            return None
+        finally:
+            heartbeat.cancel()
+            self._untrack(attempt)
 
     def _observe(self, task: str, seconds: float, outcome: ResultData | AttemptError) -> None:
         if isinstance(outcome, ResultData):
@@ -438,25 +466,31 @@ class Dispatcher:
 
         return await attempt.process.run(request, self._threads, on_progress, job.timeout_seconds)
 
-    async def _record(self, job: repo.JobRow, outcome: ResultData | AttemptError) -> None:
+    async def _record(
+        self, job: repo.JobRow, outcome: ResultData | AttemptError, *, claim_next: bool
+    ) -> tuple[repo.JobRow, repo.JobRow | None] | None:
+        """Write the attempt's outcome (fenced) and, in the same transaction, claim the
+        process's next job when asked."""
         now = self.db.now()
+        retry_at = None
         async with self.db.write() as conn:
             if isinstance(outcome, ResultData):
                 await repo.finish_succeeded(
                     conn, job.id, self.worker_id, job.attempts, outcome, now
                 )
-                return
-            retry_at = None
-            if job.attempts < job.max_attempts:
-                delay = retry_delay(
-                    job.retry_delay_seconds, job.attempts, self.settings.retry_max_seconds
+            else:
+                if job.attempts < job.max_attempts:
+                    delay = retry_delay(
+                        job.retry_delay_seconds, job.attempts, self.settings.retry_max_seconds
+                    )
+                    retry_at = now + timedelta(seconds=delay)
+                await repo.finish_failed_attempt(
+                    conn, job.id, self.worker_id, job.attempts, outcome, now, retry_at
                 )
-                retry_at = now + timedelta(seconds=delay)
-            await repo.finish_failed_attempt(
-                conn, job.id, self.worker_id, job.attempts, outcome, now, retry_at
-            )
+            claimed = await self._claim_in(conn, 1) if claim_next else []
         if retry_at is not None:
             asyncio.get_running_loop().call_later((retry_at - now).total_seconds(), self.notify)
+        return claimed[0] if claimed else None
 
     async def _heartbeat(self, attempt: Attempt) -> None:
         interval = self.settings.lease_seconds / 3

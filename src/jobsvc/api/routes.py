@@ -135,17 +135,26 @@ def build_jobs_router(runtime: Runtime) -> APIRouter:
     """The job routes, bound to one running service (so two apps never share state)."""
     router = APIRouter(route_class=JobsvcRoute, tags=["jobs"], responses=_ERRORS)
 
-    def get_service() -> JobService:
+    # async: a plain def dependency would cost a thread-pool round trip on every request
+    async def get_service() -> JobService:
         return runtime.service
 
-    def get_owner(request: Request) -> str:
+    async def get_owner(request: Request) -> str:
         return runtime.keys.owner(request)
 
     ServiceDep = Annotated[JobService, Depends(get_service)]
     OwnerDep = Annotated[str, Depends(get_owner)]
 
+    url_templates: dict[str, str] = {}
+
     def job_url(request: Request, job_id: str) -> str:
-        return request.url_for("jobsvc_get_job", job_id=job_id).path
+        # Looking the route up walks every route: do it once per mount point, then format.
+        root = request.scope.get("root_path", "")
+        template = url_templates.get(root)
+        if template is None:
+            template = request.url_for("jobsvc_get_job", job_id="JOB_ID").path
+            url_templates[root] = template
+        return template.replace("JOB_ID", job_id)
 
     def job_out(request: Request, row: Any) -> JobOut:
         return JobOut.from_row(row, job_url(request, row.id))

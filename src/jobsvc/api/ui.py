@@ -107,10 +107,11 @@ def build_ui_router(runtime: Runtime) -> APIRouter:
     router = APIRouter(route_class=JobsvcRoute, tags=["ui"], include_in_schema=False)
     templates = Jinja2Templates(env=_environment())
 
-    def get_service() -> JobService:
+    # async: a plain def dependency would cost a thread-pool round trip on every request
+    async def get_service() -> JobService:
         return runtime.service
 
-    def get_owner(request: Request) -> str:
+    async def get_owner(request: Request) -> str:
         """Whose jobs the pages show: the same rule as the JSON API's (``""`` on an open
         service; with API keys, the key in the request's ``Authorization`` header)."""
         return runtime.keys.owner(request)
