@@ -29,8 +29,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests migrations bench examples
 	$(BIN)/mypy
 
+# Side-by-side measurements against a bare endpoint, plain pandas, huey and procrastinate;
+# writes bench/results/latest.md. wrk is the load generator (Debian's package).
 bench: $(STAMP)
-	$(BIN)/pip install --quiet huey procrastinate
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/pip install --quiet huey procrastinate py-spy
 	$(BIN)/python -m bench
 
 clean:

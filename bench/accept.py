@@ -1,0 +1,106 @@
+"""1. Durable accept: ``POST /jobs`` at synchronous=FULL against a bare endpoint that stores
+nothing and against the seed pattern (``BackgroundTasks`` running pandas)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.common import (
+    SMALL_BODY,
+    Proc,
+    Row,
+    WrkResult,
+    jobsvc_server,
+    profiler,
+    progress,
+    run_wrk,
+    sqlite_query,
+    uvicorn_app,
+    workspace,
+)
+
+CONNECTIONS = 64
+SECONDS = 5.0
+WARMUP_SECONDS = 1.0
+
+
+def hammer(proc: Proc) -> tuple[WrkResult, WrkResult]:
+    """A short warm-up, then the measured run; both results (their ids are all checked)."""
+    body = json.dumps(SMALL_BODY)
+    common = {"connections": CONNECTIONS, "pgid": proc.pid, "args": [body]}
+    warm = run_wrk(proc.url + "/jobs", "post.lua", seconds=WARMUP_SECONDS, **common)
+    with profiler(proc.pid, f"accept-{proc.name}", SECONDS):
+        measured = run_wrk(proc.url + "/jobs", "post.lua", seconds=SECONDS, **common)
+    progress(
+        f"  {proc.name}: {measured.rate:,.0f} req/s, "
+        f"p99 {measured.latency_us['p99'] / 1000:.1f} ms, statuses {measured.statuses}, "
+        f"wrk used {measured.wrk_cpu / measured.seconds:.0%} of a core, "
+        f"the server's processes {measured.target_cpu / measured.seconds:.0%}"
+    )
+    return warm, measured
+
+
+def stored_ids(db_path: Path) -> set[str]:
+    return {row[0] for row in sqlite_query(db_path, "select id from jobs")}
+
+
+def run() -> list[Row]:
+    progress("1. durable accept: POST /jobs, 64 connections")
+    with workspace("bare") as tmp, uvicorn_app(tmp, "bench.bare_app:app", "bare") as bare:
+        _, bare_run = hammer(bare)
+    with workspace("seed") as tmp, uvicorn_app(tmp, "bench.seed_app:app", "seed") as seed:
+        _, seed_run = hammer(seed)
+    with workspace("accept") as tmp:
+        server = jobsvc_server(tmp, workers=1)
+        with server:
+            warm, jobsvc_run = hammer(server)
+        # Stopped: every committed row is in the file, and nothing writes any more.
+        stored = stored_ids(tmp / "jobs.db")
+    accepted = warm.ids + jobsvc_run.ids
+    missing = [job_id for job_id in accepted if job_id not in stored]
+    non_202 = {s: n for s, n in jobsvc_run.statuses.items() if s != 202}
+
+    ratio = jobsvc_run.rate / bare_run.rate
+    notes = [
+        f"Load: wrk, 1 thread, {CONNECTIONS} connections, {SECONDS:g} s after a "
+        f"{WARMUP_SECONDS:g} s warm-up; every server is one uvicorn process with its access "
+        "log off. jobsvc: `JOBSVC_WORKERS=1`, SQLite `synchronous=FULL`.",
+        f"The generator is not the limit: against the bare endpoint wrk used "
+        f"{bare_run.wrk_cpu / bare_run.seconds:.0%} of one core while the server used "
+        f"{bare_run.target_cpu / bare_run.seconds:.0%} (jobsvc's process group: "
+        f"{jobsvc_run.target_cpu / jobsvc_run.seconds:.0%} of the 2 cores' 200%).",
+        f"Seed pattern (`BackgroundTasks` + pandas `describe`): {seed_run.rate:,.0f} req/s, "
+        f"{seed_run.rate / bare_run.rate:.2f}x bare; jobsvc is "
+        f"{jobsvc_run.rate / seed_run.rate:.1f}x the seed pattern.",
+        f"jobsvc p50/p99 latency {jobsvc_run.latency_us['p50'] / 1000:.1f}/"
+        f"{jobsvc_run.latency_us['p99'] / 1000:.1f} ms; bare "
+        f"{bare_run.latency_us['p50'] / 1000:.1f}/{bare_run.latency_us['p99'] / 1000:.1f} ms.",
+    ]
+    durability = (
+        f"{len(accepted):,} ids answered 202 (warm-up included); {len(stored):,} rows stored; "
+        f"{len(missing)} missing"
+        + (f"; other statuses {non_202}" if non_202 else "")
+        + f"; socket errors {jobsvc_run.socket_errors}. Rows beyond the 202s are requests wrk "
+        "had in flight when it stopped (committed, answer not read)."
+    )
+    return [
+        Row(
+            "1. Durable accept, `POST /jobs` (req/s)",
+            f"{jobsvc_run.rate:,.0f}",
+            f"bare {bare_run.rate:,.0f}; seed {seed_run.rate:,.0f}",
+            f"{ratio:.2f}x bare",
+            ">= 0.5x bare",
+            ratio >= 0.5,
+            notes,
+        ),
+        Row(
+            "1. Every 202 is in the database",
+            f"{len(missing)} missing of {len(accepted):,}",
+            f"{len(stored):,} rows",
+            "",
+            "0 missing",
+            not missing and not non_202,
+            [durability],
+        ),
+    ]
