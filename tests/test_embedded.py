@@ -132,3 +132,44 @@ async def test_two_queues_in_one_process_do_not_share_jobs(
             job_id = response.json()["job_id"]
             assert (await wait_for_status(other, job_id))["status"] == "succeeded"
             assert (await client.get(f"/jobs/{job_id}")).status_code == 404
+
+
+async def test_enqueue_in_the_users_own_transaction(
+    embedded: tuple[httpx.AsyncClient, JobQueue], database_url: str, tmp_path: Path
+) -> None:
+    """A job enqueued in the app's own session commits or rolls back with the app's rows."""
+    from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    client, jobs = embedded
+    metadata = MetaData()
+    orders = Table(
+        "app_orders", metadata, Column("id", Integer, primary_key=True), Column("ref", String)
+    )
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+
+        async with AsyncSession(engine) as session, session.begin():
+            await session.execute(orders.insert().values(ref="kept"))
+            kept = await jobs.enqueue_in(
+                session, sample_calls.process_data, [{"a": 1}], out=str(tmp_path / "kept.json")
+            )
+
+        rolled_back = None
+        async with AsyncSession(engine) as session:
+            await session.execute(orders.insert().values(ref="dropped"))
+            rolled_back = await jobs.enqueue_in(
+                session, sample_calls.process_data, [{"a": 2}], out=str(tmp_path / "no.json")
+            )
+            await session.rollback()
+
+        assert (await wait_for_status(client, kept))["status"] == "succeeded"
+        assert (await client.get(f"/jobs/{rolled_back}")).status_code == 404
+        async with engine.connect() as conn:
+            refs = (await conn.execute(select(orders.c.ref))).scalars().all()
+            assert refs == ["kept"]
+            assert (await conn.execute(select(func.count()).select_from(orders))).scalar() == 1
+    finally:
+        await engine.dispose()

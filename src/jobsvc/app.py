@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from jobsvc import migrate
 from jobsvc.api.auth import KeyRing, RefuseCrossSite, RequireKey
@@ -106,6 +107,21 @@ class JobQueue:
         prepared = self.service.prepare_call(func, args, kwargs)
         await self.service.submit_prepared([prepared])
         return prepared.id
+
+    async def enqueue_in(
+        self,
+        session: AsyncSession | AsyncConnection,
+        func: Callable[..., Any],
+        /,
+        *args: Any,
+        **kwargs: Any,
+    ) -> str:
+        """Store a job in *your* transaction: it commits, or rolls back, with your own rows.
+
+        ``session`` is your SQLAlchemy ``AsyncSession`` (or ``AsyncConnection``) on the same
+        database as the queue. The job is visible to workers once you commit.
+        """
+        return await self.service.enqueue_in(session, func, args, kwargs)
 
     @asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[None]:

@@ -15,7 +15,9 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from jobsvc import formats
 from jobsvc import repository as repo
@@ -231,6 +233,26 @@ class JobService:
         if self.dispatcher is not None:
             self.dispatcher.notify()
         return rows
+
+    async def enqueue_in(
+        self,
+        session: AsyncSession | AsyncConnection,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> str:
+        """Insert a call job through the caller's own transaction (see JobQueue.enqueue_in)."""
+        prepared = self.prepare_call(func, args, kwargs)
+        conn = await session.connection() if isinstance(session, AsyncSession) else session
+        await repo.insert_jobs(conn, [(prepared.job, prepared.data)], self.db.now())
+        await repo.announce_due_jobs(conn)  # PostgreSQL delivers it only if they commit
+        if self.dispatcher is not None and isinstance(session, AsyncSession):
+            dispatcher = self.dispatcher
+            # Wake our workers when (and only if) the caller commits.
+            event.listen(
+                session.sync_session, "after_commit", lambda _s: dispatcher.notify(), once=True
+            )
+        return prepared.id
 
     async def _insert(self, job: NewJob, data: InputData) -> Submitted:
         if job.idempotency_key is None:
