@@ -105,3 +105,34 @@ async def test_a_read_only_database_answers_503_and_recovers(
             job = await submit(client, "double", data=[{"a": 1}])
             assert (await wait_for_status(client, job["id"]))["status"] == "succeeded"
             assert len((await client.get("/jobs")).json()["items"]) == 1
+
+
+async def test_a_write_lock_held_past_the_busy_timeout_answers_503(
+    tmp_path: Path, sqlite_template: Path
+) -> None:
+    """Another process holds SQLite's write lock: writes wait, then answer 503, never 500."""
+    import sqlite3
+
+    path = tmp_path / "jobsvc.db"
+    shutil.copyfile(sqlite_template, path)
+    app = create_app(
+        make_settings(f"sqlite+aiosqlite:///{path}", sqlite_busy_timeout_ms=200),
+        migrate_on_start=False,
+    )
+    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://jobsvc") as client:
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # the write lock, held by someone else
+            try:
+                response = await client.post("/jobs", json={"task": "double", "data": []})
+                assert response.status_code == 503, response.text
+                assert "busy" in response.json()["detail"]
+                assert response.headers["retry-after"]
+                assert (await client.get("/healthz")).status_code == 200  # reads go on
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            job = await submit(client, "double", data=[{"a": 1}])
+            assert (await wait_for_status(client, job["id"]))["status"] == "succeeded"
+            assert len((await client.get("/jobs")).json()["items"]) == 1
