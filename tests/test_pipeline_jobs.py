@@ -188,3 +188,20 @@ async def test_injection_payload_as_a_missing_column_runs_nothing(
     job = await run_pipeline_on_csv(client, SALES_CSV, contains)
     assert (await parquet_result(client, job)).empty
     assert not target.exists()
+
+
+async def test_a_data_error_fails_the_job_at_once(client: httpx.AsyncClient) -> None:
+    """Retrying cannot bring a missing column back: the first attempt is the last."""
+    response = await client.post(
+        "/jobs",
+        json={
+            "task": "pipeline",
+            "params": {"steps": [{"op": "select", "columns": ["nope"]}]},
+            "data": [{"a": 1}],
+            "max_attempts": 5,
+        },
+    )
+    job = await wait_for_status(client, response.json()["id"])
+    assert (job["status"], job["attempts"]) == ("failed", 1)
+    assert job["error"]["type"] == "MissingColumnError"
+    assert "'nope'" in job["error"]["message"]

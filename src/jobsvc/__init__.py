@@ -6,7 +6,7 @@ FastAPI app with ``JobQueue`` and ``DurableBackgroundTasks``.
 
 from typing import TYPE_CHECKING, Any
 
-from jobsvc.tasks import report_progress, task
+from jobsvc.tasks import PermanentError, report_progress, task
 
 if TYPE_CHECKING:
     from jobsvc.app import JobQueue, create_app
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DurableBackgroundTasks",
     "JobQueue",
+    "PermanentError",
     "Settings",
     "create_app",
     "report_progress",

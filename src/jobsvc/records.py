@@ -40,6 +40,7 @@ class AttemptError:
     type: str
     message: str
     traceback: str | None = None
+    retryable: bool = True  # False for a task's PermanentError: the job fails at once
 
 
 @dataclass(frozen=True)

@@ -479,7 +479,7 @@ class Dispatcher:
                     conn, job.id, self.worker_id, job.attempts, outcome, now
                 )
             else:
-                if job.attempts < job.max_attempts:
+                if outcome.retryable and job.attempts < job.max_attempts:
                     delay = retry_delay(
                         job.retry_delay_seconds, job.attempts, self.settings.retry_max_seconds
                     )

@@ -19,7 +19,7 @@ from typing import Any
 from jobsvc import formats, logs
 from jobsvc.records import AttemptError, ResultData
 from jobsvc.tasks import progress, registry
-from jobsvc.tasks.registry import import_task_modules, resolve_function
+from jobsvc.tasks.registry import PermanentError, import_task_modules, resolve_function
 
 # Heavy numeric libraries would start a thread per core; the API needs one of them.
 THREAD_LIMITS = {
@@ -102,6 +102,10 @@ def main(
                 outcome = run(request)
             conn.send(("ok", outcome))
         except BaseException as error:  # a task's SystemExit or MemoryError is its failure too
-            conn.send(
-                ("error", AttemptError(type(error).__name__, str(error), traceback.format_exc()))
+            failure = AttemptError(
+                type(error).__name__,
+                str(error),
+                traceback.format_exc(),
+                retryable=not isinstance(error, PermanentError),
             )
+            conn.send(("error", failure))

@@ -21,6 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, 
 from typing_extensions import TypeAliasType
 
 from jobsvc.tasks.progress import report_progress
+from jobsvc.tasks.registry import PermanentError
 
 H = TypeVar("H", bound=Hashable)
 
@@ -45,8 +46,9 @@ Aggregation = Literal[
 ]
 
 
-class StepError(ValueError):
-    """A step could not be applied to the data it was given."""
+class StepError(ValueError, PermanentError):
+    """A step could not be applied to the data it was given (the same data would fail the
+    same way again, so the job fails at once)."""
 
     def __init__(self, index: int, op: str, detail: str) -> None:
         super().__init__(f"step {index} ({op}): {detail}")

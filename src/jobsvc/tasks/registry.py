@@ -19,6 +19,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class PermanentError(Exception):
+    """Raised by a task when trying again cannot help (bad data, a bad request): the job
+    fails at once, without using up its remaining attempts."""
+
+
 class TaskDefinitionError(TypeError):
     """A function cannot be a task as written (say, it takes ``*args``)."""
 
@@ -182,6 +187,7 @@ def import_task_modules(modules: Iterable[str]) -> None:
 
 
 __all__ = [
+    "PermanentError",
     "Registry",
     "Task",
     "TaskDefinitionError",
