@@ -45,6 +45,15 @@ class ErrorInfo(BaseModel):
     message: str
     traceback: str | None = None
 
+    @classmethod
+    def of(cls, row: Any) -> ErrorInfo | None:
+        """The error columns of a job or event row (None when it has no error)."""
+        if row.error_type is None:
+            return None
+        return cls(
+            type=row.error_type, message=row.error_message or "", traceback=row.error_traceback
+        )
+
 
 class JobOut(BaseModel):
     id: str
@@ -65,11 +74,6 @@ class JobOut(BaseModel):
 
     @classmethod
     def from_row(cls, row: Any, url: str) -> JobOut:
-        error = None
-        if row.error_type is not None:
-            error = ErrorInfo(
-                type=row.error_type, message=row.error_message or "", traceback=row.error_traceback
-            )
         return cls(
             id=row.id,
             task=row.task,
@@ -83,7 +87,7 @@ class JobOut(BaseModel):
             started_at=row.started_at,
             finished_at=row.finished_at,
             progress=row.progress,
-            error=error,
+            error=ErrorInfo.of(row),
             result_url=f"{url}/result" if row.status == JobStatus.SUCCEEDED else None,
             events_url=f"{url}/events",
         )
@@ -103,13 +107,12 @@ class EventOut(BaseModel):
 
     @classmethod
     def from_row(cls, row: Any) -> EventOut:
-        error = None
-        if row.error_type is not None:
-            error = ErrorInfo(
-                type=row.error_type, message=row.error_message or "", traceback=row.error_traceback
-            )
         return cls(
-            at=row.at, status=row.status, attempt=row.attempt, worker=row.worker, error=error
+            at=row.at,
+            status=row.status,
+            attempt=row.attempt,
+            worker=row.worker,
+            error=ErrorInfo.of(row),
         )
 
 

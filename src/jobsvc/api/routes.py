@@ -367,16 +367,19 @@ async def _submit_json(
         if any(problem["type"] == "json_invalid" for problem in problems):
             raise MalformedRequest(f"the body is not valid JSON: {problems[0]['msg']}") from None
         raise RequestValidationError(_validation_errors(error, "body")) from None
-    spec = JobSpec(
-        task=body.task,
-        params=body.params,
-        priority=body.priority,
-        max_attempts=body.max_attempts,
-        retry_delay=body.retry_delay,
-        run_at=body.run_at,
+    return await service.submit_records(_to_spec(body, idempotency_key), body.data, owner)
+
+
+def _to_spec(options: SubmitOptions, idempotency_key: str | None) -> JobSpec:
+    return JobSpec(
+        task=options.task,
+        params=options.params,
+        priority=options.priority,
+        max_attempts=options.max_attempts,
+        retry_delay=options.retry_delay,
+        run_at=options.run_at,
         idempotency_key=idempotency_key,
     )
-    return await service.submit_records(spec, body.data, owner)
 
 
 def _spec(options: dict[str, Any], request: Request) -> JobSpec:
@@ -388,15 +391,7 @@ def _spec(options: dict[str, Any], request: Request) -> JobSpec:
         checked = SubmitOptions.model_validate(values)
     except ValidationError as error:
         raise RequestValidationError(_validation_errors(error, "query")) from None
-    return JobSpec(
-        task=checked.task,
-        params=checked.params,
-        priority=checked.priority,
-        max_attempts=checked.max_attempts,
-        retry_delay=checked.retry_delay,
-        run_at=checked.run_at,
-        idempotency_key=options.get("idempotency_key"),
-    )
+    return _to_spec(checked, options.get("idempotency_key"))
 
 
 def _upload_media_type(upload: UploadFile) -> str:
