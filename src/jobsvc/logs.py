@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from pythonjsonlogger.json import JsonFormatter
 
 _current_job: ContextVar[tuple[str, int] | None] = ContextVar("jobsvc_job", default=None)
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [job %(job_id)s/%(attempt)s] %(message)s"
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(job)s%(message)s"
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(job_id)s %(attempt)s"
 
 
@@ -32,6 +32,7 @@ class JobContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         current = _current_job.get()
         record.job_id, record.attempt = current if current else (None, None)
+        record.job = f"[job {current[0]} attempt {current[1]}] " if current else ""
         return True
 
 
