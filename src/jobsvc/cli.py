@@ -151,6 +151,17 @@ def configure_logging(level: str, fmt: str) -> None:
     logs.configure(level, fmt)
 
 
+def prepare_to_run(log_level: str) -> Settings:
+    """Settings, logging, and the schema brought up to date (under the migration lock)."""
+    from jobsvc import migrate
+
+    settings = load_settings()
+    configure_logging(log_level, settings.log_format)
+    with database_errors(settings):
+        migrate.upgrade(settings)
+    return settings
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="The address to listen on.")] = "127.0.0.1",
@@ -160,13 +171,9 @@ def serve(
     """Run the HTTP API and its workers (migrating the database first)."""
     import uvicorn
 
-    from jobsvc import migrate
     from jobsvc.app import create_app
 
-    settings = load_settings()
-    configure_logging(log_level, settings.log_format)
-    with database_errors(settings):
-        migrate.upgrade(settings)
+    settings = prepare_to_run(log_level)
     # uvicorn turns SIGTERM into the lifespan's shutdown, which drains the dispatcher.
     # log_config=None: uvicorn's own lines go through the same (text or JSON) handler.
     uvicorn.run(
@@ -205,13 +212,7 @@ def worker(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run workers only (no HTTP API), for more machines on the same database."""
-    from jobsvc import migrate
-
-    settings = load_settings()
-    configure_logging(log_level, settings.log_format)
-    with database_errors(settings):
-        migrate.upgrade(settings)
-    asyncio.run(run_worker(settings))
+    asyncio.run(run_worker(prepare_to_run(log_level)))
 
 
 # --- submitting ---------------------------------------------------------------------------------
