@@ -16,9 +16,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -47,14 +47,15 @@ def translate(error: DBAPIError) -> Exception:
     return error
 
 
-def _sqlite_pragmas(settings: Settings) -> Any:
+def _sqlite_pragmas(settings: Settings, busy_timeout_ms: int | None = None) -> Any:
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event, not the driver, decide how transactions start.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA synchronous={settings.sqlite_synchronous}")
-        cursor.execute(f"PRAGMA busy_timeout={int(settings.sqlite_busy_timeout_ms)}")
+        timeout = settings.sqlite_busy_timeout_ms if busy_timeout_ms is None else busy_timeout_ms
+        cursor.execute(f"PRAGMA busy_timeout={int(timeout)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
@@ -68,13 +69,20 @@ class Database:
         if self.dialect == "sqlite":
             self._write_lock: asyncio.Lock | None = asyncio.Lock()
             self.writer = create_async_engine(self.url, pool_size=1, max_overflow=1)
-            # Reads run in autocommit (no BEGIN, nothing to roll back on return): each read is
-            # one statement's snapshot, and costs no extra round trips to the driver's thread.
-            self.reader = create_async_engine(
-                self.url, pool_size=4, max_overflow=4, pool_reset_on_return=None
+            event.listen(self.writer.sync_engine, "connect", _sqlite_pragmas(settings))
+            # Reads run on the event loop's own thread, on the synchronous driver, in
+            # autocommit: a read by key takes tens of microseconds, where each call through the
+            # async driver is a round trip to its thread. In WAL mode a reader never waits for
+            # a writer, and the short busy timeout bounds the rare wait (a WAL recovery).
+            self.inline_reader: Engine | None = create_engine(
+                make_url(self.url).set(drivername="sqlite"),
+                pool_size=2,
+                max_overflow=2,
+                pool_reset_on_return=None,
             )
-            for engine in (self.writer, self.reader):
-                event.listen(engine.sync_engine, "connect", _sqlite_pragmas(settings))
+            event.listen(
+                self.inline_reader, "connect", _sqlite_pragmas(settings, busy_timeout_ms=50)
+            )
             event.listen(
                 self.writer.sync_engine,
                 "begin",
@@ -83,7 +91,7 @@ class Database:
         else:
             self._write_lock = None
             self.writer = create_async_engine(self.url, pool_size=10, max_overflow=10)
-            self.reader = self.writer
+            self.inline_reader = None
 
         # Leases are compared across machines: on a shared server, its clock is the one that
         # counts. The offset of ours from it is measured at start and by every sweep.
@@ -130,17 +138,26 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads (the repository's read functions take it like any other)."""
+        if self.inline_reader is not None:
+            try:
+                with self.inline_reader.connect() as sync_conn:
+                    yield cast(AsyncConnection, InlineReads(sync_conn))
+            except DBAPIError as error:
+                domain = translate(error)
+                if _needs_fresh_connections(domain):
+                    self.inline_reader.dispose()
+                raise domain from error
+            return
         try:
-            async with self.reader.connect() as conn:
+            async with self.writer.connect() as conn:
                 yield conn
         except DBAPIError as error:
-            raise await self._fault(self.reader, error) from error
+            raise await self._fault(self.writer, error) from error
 
     async def _fault(self, engine: AsyncEngine, error: DBAPIError) -> Exception:
         domain = translate(error)
-        if isinstance(domain, StorageUnavailable) and not isinstance(domain, DatabaseBusy):
-            # A connection that met a full or read-only disk may stay read-only after the
-            # fault clears: drop the pool so the next request opens fresh connections.
+        if _needs_fresh_connections(domain):
             await engine.dispose()
         return domain
 
@@ -150,8 +167,27 @@ class Database:
 
     async def dispose(self) -> None:
         await self.writer.dispose()
-        if self.reader is not self.writer:
-            await self.reader.dispose()
+        if self.inline_reader is not None:
+            self.inline_reader.dispose()
+
+
+class InlineReads:
+    """A synchronous connection with the async connection's ``execute`` (see ``read``)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        return self._conn.execute(statement, parameters)
+
+    async def exec_driver_sql(self, statement: str, parameters: Any = None) -> Any:
+        return self._conn.exec_driver_sql(statement, parameters)
+
+
+def _needs_fresh_connections(error: Exception) -> bool:
+    # A connection that met a full or read-only disk may stay read-only after the fault
+    # clears: such a pool is dropped, so the next request opens fresh connections.
+    return isinstance(error, StorageUnavailable) and not isinstance(error, DatabaseBusy)
 
 
 def engine_for_migrations(settings: Settings) -> AsyncEngine:
