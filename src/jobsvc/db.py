@@ -13,6 +13,7 @@ Driver errors that mean "cannot write now" become ``StorageUnavailable``/``Datab
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -70,6 +71,17 @@ class Database:
             self._write_lock: asyncio.Lock | None = asyncio.Lock()
             self.writer = create_async_engine(self.url, pool_size=1, max_overflow=1)
             event.listen(self.writer.sync_engine, "connect", _sqlite_pragmas(settings))
+            # Writes, like reads, run on the loop's thread: a transaction of a few statements
+            # and one fsync takes well under a millisecond there, against a round trip to the
+            # driver's thread per call. Waiting for another process's write lock must not block
+            # the loop, so the driver never waits (busy_timeout=0): write() retries, asleep.
+            self.inline_writer: Engine | None = create_engine(
+                make_url(self.url).set(drivername="sqlite"), pool_size=1, max_overflow=1
+            )
+            event.listen(
+                self.inline_writer, "connect", _sqlite_pragmas(settings, busy_timeout_ms=0)
+            )
+            self._busy_timeout = settings.sqlite_busy_timeout_ms / 1000
             # Reads run on the event loop's own thread, on the synchronous driver, in
             # autocommit: a read by key takes tens of microseconds, where each call through the
             # async driver is a round trip to its thread. In WAL mode a reader never waits for
@@ -92,6 +104,7 @@ class Database:
             self._write_lock = None
             self.writer = create_async_engine(self.url, pool_size=10, max_overflow=10)
             self.inline_reader = None
+            self.inline_writer = None
 
         # Leases are compared across machines: on a shared server, its clock is the one that
         # counts. The offset of ours from it is measured at start and by every sweep.
@@ -120,11 +133,45 @@ class Database:
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """One write transaction: committed when the block ends, rolled back if it raises."""
         async with self._write_turn():
+            if self.inline_writer is not None:
+                async with self._inline_write(self.inline_writer) as conn:
+                    yield conn
+                return
             try:
                 async with self.writer.begin() as conn:
                     yield conn
             except DBAPIError as error:
                 raise await self._fault(self.writer, error) from error
+
+    @asynccontextmanager
+    async def _inline_write(self, engine: Engine) -> AsyncIterator[AsyncConnection]:
+        deadline = time.monotonic() + self._busy_timeout
+        pause = 0.001
+        try:
+            with engine.connect() as sync_conn:
+                while True:
+                    try:
+                        sync_conn.exec_driver_sql("BEGIN IMMEDIATE")
+                        break
+                    except OperationalError as error:
+                        if not isinstance(translate(error), DatabaseBusy):
+                            raise
+                        sync_conn.rollback()
+                        if time.monotonic() >= deadline:
+                            raise
+                        await asyncio.sleep(pause)  # another process writes: wait, not block
+                        pause = min(pause * 2, 0.05)
+                try:
+                    yield cast(AsyncConnection, InlineReads(sync_conn))
+                except BaseException:
+                    sync_conn.exec_driver_sql("ROLLBACK")
+                    raise
+                sync_conn.exec_driver_sql("COMMIT")
+        except DBAPIError as error:
+            domain = translate(error)
+            if _needs_fresh_connections(domain):
+                engine.dispose()
+            raise domain from error
 
     @asynccontextmanager
     async def _write_turn(self) -> AsyncIterator[None]:
@@ -167,15 +214,18 @@ class Database:
 
     async def dispose(self) -> None:
         await self.writer.dispose()
-        if self.inline_reader is not None:
-            self.inline_reader.dispose()
+        for engine in (self.inline_reader, self.inline_writer):
+            if engine is not None:
+                engine.dispose()
 
 
 class InlineReads:
-    """A synchronous connection with the async connection's ``execute`` (see ``read``)."""
+    """A synchronous connection with the async connection's ``execute`` (see ``read`` and
+    ``write``): the repository's functions take it like any other connection."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
+        self.dialect = conn.dialect
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
         return self._conn.execute(statement, parameters)
