@@ -1,11 +1,14 @@
-"""Engines and transactions.
+"""Connections and transactions.
 
-Two engines over one database. Reads go through a small pool. Writes go through ``write()``:
-on SQLite one transaction at a time, each opened with ``BEGIN IMMEDIATE`` — SQLite has one
-write lock anyway, and waiting for it in the process (a FIFO lock) costs far less than
-connections fighting over it, while a deferred transaction that reads
-before it writes fails at once with "database is locked". This one path is also where writes
-can later be batched into group commits.
+``read()`` and ``write()`` are the only ways in. Writes take turns (on SQLite one transaction
+at a time, each opened with ``BEGIN IMMEDIATE``: SQLite has one write lock anyway, waiting for
+it in the process costs far less than connections fighting over it, and a deferred
+transaction that reads before it writes fails at once with "database is locked").
+
+On SQLite both run on the synchronous driver in the event loop's own thread: a statement
+takes microseconds there, where the async driver costs a round trip to its thread per call.
+Waiting for another process's write lock never blocks the loop: the driver does not wait,
+``write()`` retries asleep until the busy timeout. On PostgreSQL both use the asyncpg engine.
 
 Driver errors that mean "cannot write now" become ``StorageUnavailable``/``DatabaseBusy`` here.
 """
