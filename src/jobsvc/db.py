@@ -84,7 +84,7 @@ class Database:
             event.listen(
                 self.inline_writer, "connect", _sqlite_pragmas(settings, busy_timeout_ms=0)
             )
-            self._busy_timeout = settings.sqlite_busy_timeout_ms / 1000
+            self.busy_timeout_seconds = settings.sqlite_busy_timeout_ms / 1000
             # Reads run on the event loop's own thread, on the synchronous driver, in
             # autocommit: a read by key takes tens of microseconds, where each call through the
             # async driver is a round trip to its thread. In WAL mode a reader never waits for
@@ -148,7 +148,7 @@ class Database:
 
     @asynccontextmanager
     async def _inline_write(self, engine: Engine) -> AsyncIterator[AsyncConnection]:
-        deadline = time.monotonic() + self._busy_timeout
+        deadline = time.monotonic() + self.busy_timeout_seconds
         pause = 0.001
         try:
             with engine.connect() as sync_conn:
