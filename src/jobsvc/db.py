@@ -70,6 +70,7 @@ class Database:
     def __init__(self, settings: Settings) -> None:
         self.url = settings.database_url
         self.dialect = make_url(self.url).get_backend_name()
+        self.busy_timeout_seconds = settings.sqlite_busy_timeout_ms / 1000
         if self.dialect == "sqlite":
             self._write_lock: asyncio.Lock | None = asyncio.Lock()
             self.writer = create_async_engine(self.url, pool_size=1, max_overflow=1)
@@ -84,7 +85,6 @@ class Database:
             event.listen(
                 self.inline_writer, "connect", _sqlite_pragmas(settings, busy_timeout_ms=0)
             )
-            self.busy_timeout_seconds = settings.sqlite_busy_timeout_ms / 1000
             # Reads run on the event loop's own thread, on the synchronous driver, in
             # autocommit: a read by key takes tens of microseconds, where each call through the
             # async driver is a round trip to its thread. In WAL mode a reader never waits for
