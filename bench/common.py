@@ -14,7 +14,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tests.live_server import free_port, group_members  # the same process plumbing
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
@@ -71,28 +71,6 @@ def fmt_ms(seconds: float) -> str:
 # --- processes -----------------------------------------------------------------------------
 
 _LIVE: list[Proc] = []
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of a process group, from /proc."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
 
 
 def group_cpu_seconds(pgid: int) -> float:

@@ -71,47 +71,28 @@ class Database:
         self.url = settings.database_url
         self.dialect = make_url(self.url).get_backend_name()
         self.busy_timeout_seconds = settings.sqlite_busy_timeout_ms / 1000
-        if self.dialect == "sqlite":
-            self._write_lock: asyncio.Lock | None = asyncio.Lock()
-            self.writer = create_async_engine(self.url, pool_size=1, max_overflow=1)
-            event.listen(self.writer.sync_engine, "connect", _sqlite_pragmas(settings))
-            # Writes, like reads, run on the loop's thread: a transaction of a few statements
-            # and one fsync takes well under a millisecond there, against a round trip to the
-            # driver's thread per call. Waiting for another process's write lock must not block
-            # the loop, so the driver never waits (busy_timeout=0): write() retries, asleep.
-            self.inline_writer: Engine | None = create_engine(
-                make_url(self.url).set(drivername="sqlite"), pool_size=1, max_overflow=1
-            )
-            event.listen(
-                self.inline_writer, "connect", _sqlite_pragmas(settings, busy_timeout_ms=0)
-            )
-            # Reads run on the event loop's own thread, on the synchronous driver, in
-            # autocommit: a read by key takes tens of microseconds, where each call through the
-            # async driver is a round trip to its thread. In WAL mode a reader never waits for
-            # a writer, and the short busy timeout bounds the rare wait (a WAL recovery).
-            self.inline_reader: Engine | None = create_engine(
-                make_url(self.url).set(drivername="sqlite"),
-                pool_size=2,
-                max_overflow=2,
-                pool_reset_on_return=None,
-            )
-            event.listen(
-                self.inline_reader, "connect", _sqlite_pragmas(settings, busy_timeout_ms=50)
-            )
-            event.listen(
-                self.writer.sync_engine,
-                "begin",
-                lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"),
-            )
-        else:
-            self._write_lock = None
-            self.writer = create_async_engine(self.url, pool_size=10, max_overflow=10)
-            self.inline_reader = None
-            self.inline_writer = None
-
         # Leases are compared across machines: on a shared server, its clock is the one that
         # counts. The offset of ours from it is measured at start and by every sweep.
         self._clock_offset = timedelta(0)
+        self._write_lock: asyncio.Lock | None = None
+        self.inline_writer: Engine | None = None
+        self.inline_reader: Engine | None = None
+        self.engine: AsyncEngine | None = None
+        if self.dialect != "sqlite":
+            self.engine = create_async_engine(self.url, pool_size=10, max_overflow=10)
+            return
+        sync_url = make_url(self.url).set(drivername="sqlite")
+        self._write_lock = asyncio.Lock()
+        # Waiting for another process's write lock must not block the loop, so the driver
+        # never waits (busy_timeout=0): write() retries, asleep, until the busy timeout.
+        self.inline_writer = create_engine(sync_url, pool_size=1, max_overflow=1)
+        event.listen(self.inline_writer, "connect", _sqlite_pragmas(settings, busy_timeout_ms=0))
+        # Reads in autocommit. In WAL mode a reader never waits for a writer; the short busy
+        # timeout bounds the rare wait (a WAL recovery).
+        self.inline_reader = create_engine(
+            sync_url, pool_size=2, max_overflow=2, pool_reset_on_return=None
+        )
+        event.listen(self.inline_reader, "connect", _sqlite_pragmas(settings, busy_timeout_ms=50))
 
     @property
     def is_sqlite(self) -> bool:
@@ -135,16 +116,18 @@ class Database:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """One write transaction: committed when the block ends, rolled back if it raises."""
-        async with self._write_turn():
-            if self.inline_writer is not None:
-                async with self._inline_write(self.inline_writer) as conn:
-                    yield conn
-                return
-            try:
-                async with self.writer.begin() as conn:
-                    yield conn
-            except DBAPIError as error:
-                raise await self._fault(self.writer, error) from error
+        if self.inline_writer is not None:
+            # On SQLite, writers take turns here (FIFO) rather than fight over the file lock.
+            assert self._write_lock is not None
+            async with self._write_lock, self._inline_write(self.inline_writer) as conn:
+                yield conn
+            return
+        assert self.engine is not None
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except DBAPIError as error:
+            raise await self._fault(error) from error
 
     @asynccontextmanager
     async def _inline_write(self, engine: Engine) -> AsyncIterator[AsyncConnection]:
@@ -165,26 +148,13 @@ class Database:
                         await asyncio.sleep(pause)  # another process writes: wait, not block
                         pause = min(pause * 2, 0.05)
                 try:
-                    yield cast(AsyncConnection, InlineReads(sync_conn))
+                    yield cast(AsyncConnection, InlineConnection(sync_conn))
                 except BaseException:
                     sync_conn.exec_driver_sql("ROLLBACK")
                     raise
                 sync_conn.exec_driver_sql("COMMIT")
         except DBAPIError as error:
-            domain = translate(error)
-            if _needs_fresh_connections(domain):
-                engine.dispose()
-            raise domain from error
-
-    @asynccontextmanager
-    async def _write_turn(self) -> AsyncIterator[None]:
-        # On SQLite, writers take turns here (FIFO) rather than in the connection pool: a
-        # pool waiter is not woken when a connection attempt fails, only when one is returned.
-        if self._write_lock is None:
-            yield
-            return
-        async with self._write_lock:
-            yield
+            raise _inline_fault(engine, error) from error
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -192,23 +162,21 @@ class Database:
         if self.inline_reader is not None:
             try:
                 with self.inline_reader.connect() as sync_conn:
-                    yield cast(AsyncConnection, InlineReads(sync_conn))
+                    yield cast(AsyncConnection, InlineConnection(sync_conn))
             except DBAPIError as error:
-                domain = translate(error)
-                if _needs_fresh_connections(domain):
-                    self.inline_reader.dispose()
-                raise domain from error
+                raise _inline_fault(self.inline_reader, error) from error
             return
+        assert self.engine is not None
         try:
-            async with self.writer.connect() as conn:
+            async with self.engine.connect() as conn:
                 yield conn
         except DBAPIError as error:
-            raise await self._fault(self.writer, error) from error
+            raise await self._fault(error) from error
 
-    async def _fault(self, engine: AsyncEngine, error: DBAPIError) -> Exception:
+    async def _fault(self, error: DBAPIError) -> Exception:
         domain = translate(error)
-        if _needs_fresh_connections(domain):
-            await engine.dispose()
+        if _needs_fresh_connections(domain) and self.engine is not None:
+            await self.engine.dispose()
         return domain
 
     async def ping(self) -> None:
@@ -216,13 +184,14 @@ class Database:
             await conn.exec_driver_sql("SELECT 1")
 
     async def dispose(self) -> None:
-        await self.writer.dispose()
+        if self.engine is not None:
+            await self.engine.dispose()
         for engine in (self.inline_reader, self.inline_writer):
             if engine is not None:
                 engine.dispose()
 
 
-class InlineReads:
+class InlineConnection:
     """A synchronous connection with the async connection's ``execute`` (see ``read`` and
     ``write``): the repository's functions take it like any other connection."""
 
@@ -235,6 +204,13 @@ class InlineReads:
 
     async def exec_driver_sql(self, statement: str, parameters: Any = None) -> Any:
         return self._conn.exec_driver_sql(statement, parameters)
+
+
+def _inline_fault(engine: Engine, error: DBAPIError) -> Exception:
+    domain = translate(error)
+    if _needs_fresh_connections(domain):
+        engine.dispose()
+    return domain
 
 
 def _needs_fresh_connections(error: Exception) -> bool:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
 
 class JobsvcError(Exception):
     """Something went wrong in jobsvc."""
@@ -86,3 +88,11 @@ class StorageUnavailable(JobsvcError):
 
 class DatabaseBusy(StorageUnavailable):
     """The database is busy with another writer; nothing was changed. Try again shortly."""
+
+
+def problems(error: ValidationError, where: str) -> list[dict[str, Any]]:
+    """pydantic's errors as an API ``detail`` list, each located under ``where``."""
+    return [
+        {"loc": [where, *problem["loc"]], "msg": problem["msg"], "type": problem["type"]}
+        for problem in error.errors(include_url=False, include_context=False)
+    ]

@@ -170,7 +170,9 @@ def _one_line(error: BaseException) -> str:
 _FRAME_MARK = "$jobsvc.dataframe"
 
 
-def _encode_argument(value: Any, where: str) -> Any:
+def to_storable(value: Any, where: str) -> Any:
+    """``value`` as plain JSON (DataFrames as Parquet); ``TypeError`` naming ``where`` if it
+    holds something that cannot be stored."""
     if value is None or isinstance(value, bool | int | float | str):
         if isinstance(value, float) and not math.isfinite(value):
             raise TypeError(f"{where} is {value!r}, which JSON cannot store")
@@ -178,13 +180,13 @@ def _encode_argument(value: Any, where: str) -> Any:
     if isinstance(value, pd.DataFrame):
         return {_FRAME_MARK: base64.b64encode(frame_to_parquet(value)).decode()}
     if isinstance(value, list | tuple):
-        return [_encode_argument(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return [to_storable(item, f"{where}[{i}]") for i, item in enumerate(value)]
     if isinstance(value, dict):
         encoded = {}
         for key, item in value.items():
             if not isinstance(key, str):
                 raise TypeError(f"{where} has a key {key!r} that is not a string")
-            encoded[key] = _encode_argument(item, f"{where}[{key!r}]")
+            encoded[key] = to_storable(item, f"{where}[{key!r}]")
         return encoded
     raise TypeError(
         f"{where} is {type(value).__module__}.{type(value).__qualname__}, which cannot be "
@@ -196,9 +198,9 @@ def _encode_argument(value: Any, where: str) -> Any:
 def encode_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """A call's arguments as stored bytes; ``TypeError`` naming the first that cannot be."""
     payload = {
-        "args": [_encode_argument(value, f"argument {i + 1}") for i, value in enumerate(args)],
+        "args": [to_storable(value, f"argument {i + 1}") for i, value in enumerate(args)],
         "kwargs": {
-            name: _encode_argument(value, f"argument {name!r}") for name, value in kwargs.items()
+            name: to_storable(value, f"argument {name!r}") for name, value in kwargs.items()
         },
     }
     return json.dumps(payload, separators=(",", ":")).encode()

@@ -30,6 +30,7 @@ from jobsvc.errors import (
     NotAcceptable,
     NotFound,
     UnknownTask,
+    problems,
 )
 from jobsvc.metrics import Metrics
 from jobsvc.models import CANCELLABLE, RETRYABLE, TERMINAL, JobStatus
@@ -125,15 +126,7 @@ class JobService:
             params = task.validate_params(spec.params)
         except ValidationError as error:
             raise InvalidParams(
-                f"params do not fit task {spec.task!r}",
-                detail=[
-                    {
-                        "loc": ["params", *err["loc"]],
-                        "msg": err["msg"],
-                        "type": err["type"],
-                    }
-                    for err in error.errors(include_url=False, include_context=False)
-                ],
+                f"params do not fit task {spec.task!r}", detail=problems(error, "params")
             ) from None
         return NewJob(
             task=task.name,
@@ -215,8 +208,7 @@ class JobService:
         job = self._new_job(JobSpec(task=task.name, params=kwargs), owner, "", job_id)
         data = args[0]
         if isinstance(data, list):
-            payload = formats.encode_call((data,), {})  # checks every value is JSON
-            records = json.loads(payload)["args"][0]
+            records = formats.to_storable(data, "argument 1")
             body = json.dumps(records, separators=(",", ":")).encode()
             return Prepared(job, InputData("json", body, len(data), 0))
         frame = formats.as_frame(data)

@@ -18,7 +18,13 @@ from jobsvc import formats
 from jobsvc.api.auth import KeyRing
 from jobsvc.api.errors import JobsvcRoute
 from jobsvc.api.uploads import body_to_file, upload_to_file
-from jobsvc.errors import InvalidInput, MalformedRequest, NotAcceptable, UnsupportedMediaType
+from jobsvc.errors import (
+    InvalidInput,
+    MalformedRequest,
+    NotAcceptable,
+    UnsupportedMediaType,
+    problems,
+)
 from jobsvc.metrics import CONTENT_TYPE as metrics_content_type
 from jobsvc.models import JobStatus
 from jobsvc.schemas import (
@@ -81,13 +87,6 @@ _SUBMIT_BODY = {
         },
     }
 }
-
-
-def _validation_errors(error: ValidationError, prefix: str) -> list[dict[str, Any]]:
-    return [
-        {"loc": [prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]}
-        for e in error.errors(include_url=False, include_context=False)
-    ]
 
 
 def choose_media_type(accept: str | None, offered: list[str]) -> str:
@@ -363,10 +362,10 @@ async def _submit_json(
     try:
         body = SubmitJSON.model_validate_json(raw)
     except ValidationError as error:
-        problems = error.errors(include_url=False, include_context=False)
-        if any(problem["type"] == "json_invalid" for problem in problems):
-            raise MalformedRequest(f"the body is not valid JSON: {problems[0]['msg']}") from None
-        raise RequestValidationError(_validation_errors(error, "body")) from None
+        found = problems(error, "body")
+        if any(problem["type"] == "json_invalid" for problem in found):
+            raise MalformedRequest(f"the body is not valid JSON: {found[0]['msg']}") from None
+        raise RequestValidationError(found) from None
     return await service.submit_records(_to_spec(body, idempotency_key), body.data, owner)
 
 
@@ -390,7 +389,7 @@ def _spec(options: dict[str, Any], request: Request) -> JobSpec:
     try:
         checked = SubmitOptions.model_validate(values)
     except ValidationError as error:
-        raise RequestValidationError(_validation_errors(error, "query")) from None
+        raise RequestValidationError(problems(error, "query")) from None
     return _to_spec(checked, options.get("idempotency_key"))
 
 
