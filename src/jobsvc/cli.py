@@ -505,6 +505,7 @@ def db_prune(
 
     from jobsvc import retention
     from jobsvc.db import Database
+    from jobsvc.files import FileStore
 
     settings = load_settings()
     try:
@@ -519,7 +520,7 @@ def db_prune(
     async def run() -> int:
         db = Database(settings)
         try:
-            return await retention.prune(db, age)
+            return await retention.prune(db, age, FileStore.for_settings(settings))
         finally:
             await db.dispose()
 

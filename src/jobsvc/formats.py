@@ -13,15 +13,18 @@ import hashlib
 import io
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from jobsvc.errors import InvalidData, TooLarge, UnsupportedMediaType
+from jobsvc.files import fsync_directory
 from jobsvc.records import ResultData
 
 CSV = "text/csv"
@@ -55,10 +58,12 @@ class Limits:
 
 @dataclass(frozen=True)
 class ParsedUpload:
-    parquet: bytes
+    format: str  # 'parquet' (bytes in ``data``) or 'arrow' (the file it was asked to write)
+    data: bytes | None
     rows: int
     columns: int
-    sha256: str
+    sha256: str  # empty unless asked for (an Idempotency-Key binds to it)
+    size_bytes: int
 
 
 def _sha256_of(path: Path) -> str:
@@ -124,23 +129,42 @@ def frame_to_parquet(frame: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def parse_upload(path: str, media_type: str, limits: Limits) -> ParsedUpload:
-    """Read an uploaded file, check it against the limits, and return it as Parquet."""
+def parse_upload(
+    path: str, media_type: str, limits: Limits, *, store_at: str | None = None, digest: bool = False
+) -> ParsedUpload:
+    """Read an uploaded file and check it against the limits; return it as Parquet bytes or,
+    with ``store_at``, write it there as an Arrow IPC file (durably) and return no bytes."""
     file = Path(path)
-    digest = _sha256_of(file)
+    sha256 = _sha256_of(file) if digest else ""
     if file.stat().st_size == 0:
         raise InvalidData("the uploaded file is empty")
     if media_type == PARQUET:
         try:
             metadata = pq.read_metadata(file)
+            _check_shape(metadata.num_rows, metadata.num_columns, limits)
+            if store_at is None:
+                data = file.read_bytes()
+                return ParsedUpload(
+                    "parquet", data, metadata.num_rows, metadata.num_columns, sha256, len(data)
+                )
+            table = pq.read_table(file)
         except (pa.ArrowException, OSError) as error:
             raise InvalidData(f"the body is not a readable Parquet file: {error}") from None
-        _check_shape(metadata.num_rows, metadata.num_columns, limits)
-        return ParsedUpload(file.read_bytes(), metadata.num_rows, metadata.num_columns, digest)
+    else:
+        frame = _read_text_table(file, media_type, limits)
+        if store_at is None:
+            data = frame_to_parquet(frame)
+            return ParsedUpload("parquet", data, len(frame), len(frame.columns), sha256, len(data))
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+    size = write_arrow_file(table, Path(store_at))
+    return ParsedUpload("arrow", None, table.num_rows, table.num_columns, sha256, size)
+
+
+def _read_text_table(file: Path, media_type: str, limits: Limits) -> pd.DataFrame:
+    kind = "CSV" if media_type == CSV else "NDJSON"
     try:
         if media_type == CSV:
-            width = _csv_header_width(file)
-            _check_shape(0, width, limits)
+            _check_shape(0, _csv_header_width(file), limits)
             frame = pd.read_csv(file)
         elif media_type == NDJSON:
             frame = pd.read_json(file, lines=True)
@@ -150,15 +174,28 @@ def parse_upload(path: str, media_type: str, limits: Limits) -> ParsedUpload:
             )
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         # UnicodeDecodeError and pandas' parser errors are ValueErrors too.
-        kind = "CSV" if media_type == CSV else "NDJSON"
         raise InvalidData(f"the {kind} cannot be parsed: {_one_line(error)}") from None
     if len(frame.columns) == 0:
-        kind = "CSV" if media_type == CSV else "NDJSON"
         raise InvalidData(f"the {kind} holds no data (no columns)")
     _check_shape(len(frame), len(frame.columns), limits)
     _check_cells(frame, limits)
     frame.columns = [str(column) for column in frame.columns]
-    return ParsedUpload(frame_to_parquet(frame), len(frame), len(frame.columns), digest)
+    return frame
+
+
+def write_arrow_file(table: pa.Table, target: Path) -> int:
+    """Write ``table`` as an uncompressed Arrow IPC file (a reader maps it, no decoding),
+    fsynced with its directory entry before this returns; its size in bytes."""
+    try:
+        with target.open("wb") as out:
+            feather.write_feather(table, out, compression="uncompressed")
+            out.flush()
+            os.fsync(out.fileno())
+        fsync_directory(target.parent)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    return target.stat().st_size
 
 
 def _one_line(error: BaseException) -> str:
@@ -224,7 +261,10 @@ def decode_call(data: bytes) -> tuple[list[Any], dict[str, Any]]:
 # --- in the task worker ---------------------------------------------------------------------
 
 
-def load_input(format: str, data: bytes | None) -> pd.DataFrame:
+def load_input(format: str, data: bytes | None, path: str | None = None) -> pd.DataFrame:
+    if format == "arrow" and path is not None:
+        frame: pd.DataFrame = feather.read_table(path, memory_map=True).to_pandas()
+        return frame
     if data is None:
         return pd.DataFrame()
     if format == "parquet":

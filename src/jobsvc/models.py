@@ -138,9 +138,13 @@ class JobInput(Base):
     __tablename__ = "job_inputs"
 
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
-    # 'json' (a list of records) or 'parquet'.
+    # 'json' (a list of records), 'parquet', 'call' (a function's arguments) or 'arrow'
+    # (an Arrow IPC file).
     format: Mapped[str] = mapped_column(String(16))
-    data: Mapped[bytes] = mapped_column(LargeBinary)
+    # The input itself, or NULL when it is the file named by ``path``.
+    data: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # A file in the files directory (JOBSVC_FILES_DIR; on SQLite, "<database>.files").
+    path: Mapped[str | None] = mapped_column(String(255))
     rows: Mapped[int] = mapped_column(Integer)
     columns: Mapped[int] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(BigInteger)

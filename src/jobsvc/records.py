@@ -29,10 +29,12 @@ class NewJob:
 
 @dataclass(frozen=True)
 class InputData:
-    format: str  # 'json' (records), 'parquet', or 'call' (a function's arguments)
-    data: bytes
+    format: str  # 'json' (records), 'parquet', 'call' (a function's arguments) or 'arrow'
+    data: bytes | None  # None when the input is the file ``path``
     rows: int
     columns: int
+    path: str | None = None
+    size_bytes: int = 0  # of the file, when there is one
 
 
 @dataclass(frozen=True)

@@ -143,9 +143,10 @@ async def insert_jobs(
                     "job_id": job_id,
                     "format": data.format,
                     "data": data.data,
+                    "path": data.path,
                     "rows": data.rows,
                     "columns": data.columns,
-                    "size_bytes": len(data.data),
+                    "size_bytes": len(data.data) if data.data is not None else data.size_bytes,
                 }
             )
         event_values.append(
@@ -505,9 +506,11 @@ async def oldest_waiting_created_at(conn: AsyncConnection) -> datetime | None:
     return value
 
 
-async def prune_finished(conn: AsyncConnection, finished_before: datetime, limit: int) -> int:
+async def prune_finished(
+    conn: AsyncConnection, finished_before: datetime, limit: int
+) -> tuple[int, list[str]]:
     """Delete up to ``limit`` finished jobs older than the cutoff (inputs, results and events
-    go with them by cascade); how many were deleted."""
+    go with them by cascade); how many were deleted, and the input files they leave unused."""
     ids = (
         (
             await conn.execute(
@@ -519,6 +522,24 @@ async def prune_finished(conn: AsyncConnection, finished_before: datetime, limit
         .scalars()
         .all()
     )
-    if ids:
-        await conn.execute(delete(jobs).where(jobs.c.id.in_(ids)))
-    return len(ids)
+    if not ids:
+        return 0, []
+    files = (
+        await conn.execute(
+            select(job_inputs.c.path).where(
+                job_inputs.c.job_id.in_(ids), job_inputs.c.path.is_not(None)
+            )
+        )
+    ).scalars()
+    names = [name for name in files if name]
+    await conn.execute(delete(jobs).where(jobs.c.id.in_(ids)))
+    return len(ids), names
+
+
+async def unreferenced_files(conn: AsyncConnection, names: Sequence[str]) -> list[str]:
+    """Those of ``names`` that no input row names."""
+    if not names:
+        return []
+    query = select(job_inputs.c.path).where(job_inputs.c.path.in_(names))
+    referenced = set((await conn.execute(query)).scalars())
+    return [name for name in names if name not in referenced]

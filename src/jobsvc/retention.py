@@ -1,6 +1,6 @@
-"""Retention: finished jobs are deleted after ``JOBSVC_RETENTION_DAYS``, with their inputs,
-results and events. Every instance's dispatcher prunes now and then; ``jobsvc db prune``
-does it by hand."""
+"""Retention: finished jobs are deleted after ``JOBSVC_RETENTION_DAYS``, with their inputs
+(rows and files), results and events. Every instance's dispatcher prunes now and then;
+``jobsvc db prune`` does it by hand."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from jobsvc import repository as repo
 from jobsvc.db import Database
+from jobsvc.files import FileStore
 
 PRUNE_EVERY_SECONDS = 3600.0
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -22,14 +23,25 @@ def parse_age(text: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
 
 
-async def prune(db: Database, older_than: timedelta, batch: int = 500) -> int:
+async def prune(
+    db: Database, older_than: timedelta, files: FileStore | None = None, batch: int = 500
+) -> int:
     """Delete jobs that finished more than ``older_than`` ago, in short transactions (the
-    write lock is never held for long); how many were deleted."""
+    write lock is never held for long), and their input files; how many jobs were deleted.
+    Files that no job names (a crash between a file's write and its row's commit) go too."""
     cutoff = db.now() - older_than
     total = 0
     while True:
         async with db.write() as conn:
-            deleted = await repo.prune_finished(conn, cutoff, batch)
+            deleted, names = await repo.prune_finished(conn, cutoff, batch)
+        if files is not None:
+            files.remove(names)  # after the commit: a rolled-back delete keeps its files
         total += deleted
         if deleted < batch:
-            return total
+            break
+    if files is not None:
+        stale = files.stale_names()
+        for start in range(0, len(stale), batch):
+            async with db.read() as conn:
+                files.remove(await repo.unreferenced_files(conn, stale[start : start + batch]))
+    return total

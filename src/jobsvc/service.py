@@ -7,6 +7,7 @@ upload, rendering a result) goes to the converter pool, a process pool, never th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from jobsvc.errors import (
     UnknownTask,
     problems,
 )
+from jobsvc.files import FileStore
 from jobsvc.metrics import Metrics
 from jobsvc.models import CANCELLABLE, RETRYABLE, TERMINAL, JobStatus
 from jobsvc.records import InputData, NewJob
@@ -106,14 +108,15 @@ class JobService:
         self.dispatcher = dispatcher
         self.metrics = metrics or Metrics()
         self.committer = GroupCommit(db)
+        self.files = FileStore.for_settings(settings)
         self.limits = formats.Limits(
             max_rows=settings.max_rows,
             max_columns=settings.max_columns,
             max_cell_chars=settings.max_cell_chars,
         )
 
-    async def _convert(self, func: Any, *args: Any) -> Any:
-        return await self.converter.run(func, *args)
+    async def _convert(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        return await self.converter.run(functools.partial(func, *args, **kwargs))
 
     # --- submit ------------------------------------------------------------------------------
 
@@ -164,13 +167,36 @@ class JobService:
     ) -> Submitted:
         # Check the task and params first: a bad submit costs no parsing.
         self._new_job(spec, owner, "")
+        job_id = repo.new_job_id()
+        files = self.files
+        stored = files.name_for(job_id) if files is not None else None
+        if files is not None:
+            files.prepare()
         parsed: formats.ParsedUpload = await self._convert(
-            formats.parse_upload, path, media_type, self.limits
+            formats.parse_upload,
+            path,
+            media_type,
+            self.limits,
+            store_at=str(files.path(stored)) if files is not None and stored else None,
+            digest=spec.idempotency_key is not None,
         )
-        job = self._new_job(spec, owner, parsed.sha256)
-        return await self._insert(
-            job, InputData("parquet", parsed.parquet, parsed.rows, parsed.columns)
+        job = self._new_job(spec, owner, parsed.sha256, job_id)
+        data = InputData(
+            parsed.format,
+            parsed.data,
+            parsed.rows,
+            parsed.columns,
+            path=stored,
+            size_bytes=parsed.size_bytes,
         )
+        submitted = None
+        try:
+            submitted = await self._insert(job, data)
+        finally:
+            if files is not None and stored and (submitted is None or not submitted.created):
+                # Not stored, or an earlier submit's job is the answer: the file is no one's.
+                files.remove([stored])
+        return submitted
 
     def prepare_call(
         self,

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     # crash of the process but may lose the last transactions on power loss.
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     sqlite_busy_timeout_ms: int = Field(default=5_000, ge=0)
+    # Where uploaded tables are kept as files. Default: beside a SQLite database file
+    # ("<database>.files"); on PostgreSQL, inside the database unless this names a directory
+    # that every instance shares.
+    files_dir: str | None = None
     default_max_attempts: int = Field(default=3, ge=1)
     retry_base_seconds: float = Field(default=1.0, ge=0)
     retry_max_seconds: float = Field(default=600.0, ge=0)

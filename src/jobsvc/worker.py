@@ -40,6 +40,7 @@ from jobsvc import logs, retention, worker_process
 from jobsvc import repository as repo
 from jobsvc.db import Database
 from jobsvc.errors import StorageUnavailable
+from jobsvc.files import FileStore
 from jobsvc.listen import JobListener
 from jobsvc.metrics import Metrics
 from jobsvc.records import AttemptError, ResultData
@@ -209,6 +210,7 @@ class Dispatcher:
         self.metrics = metrics or Metrics()
         self.host = host or socket.gethostname()
         self.worker_id = repo.new_worker_id(self.host)
+        self.files = FileStore.for_settings(settings)
         self.running: dict[str, Attempt] = {}
         self._wake = asyncio.Event()
         self._idle: asyncio.Queue[WorkerProcess] = asyncio.Queue()
@@ -329,7 +331,7 @@ class Dispatcher:
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + retention.PRUNE_EVERY_SECONDS
                     age = timedelta(days=self.settings.retention_days)
-                    if pruned := await retention.prune(self.db, age):
+                    if pruned := await retention.prune(self.db, age, self.files):
                         log.info("pruned %d jobs finished more than %s ago", pruned, age)
             except StorageUnavailable as error:
                 log.warning("sweep skipped: %s", error)
@@ -454,6 +456,7 @@ class Dispatcher:
             params=job.params,
             input_format=stored.format if stored else "json",
             input_data=stored.data if stored else None,
+            input_path=self._input_path(stored),
         )
 
         async def on_progress(value: float) -> None:
@@ -465,6 +468,13 @@ class Dispatcher:
                 self.abort(job.id)
 
         return await attempt.process.run(request, self._threads, on_progress, job.timeout_seconds)
+
+    def _input_path(self, stored: repo.JobRow | None) -> str | None:
+        if stored is None or not stored.path:
+            return None
+        if self.files is None:
+            raise RuntimeError(f"job input {stored.path!r} is a file, but no JOBSVC_FILES_DIR")
+        return str(self.files.path(stored.path))
 
     async def _record(
         self, job: repo.JobRow, outcome: ResultData | AttemptError, *, claim_next: bool

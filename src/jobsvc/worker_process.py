@@ -39,6 +39,7 @@ class RunRequest:
     params: dict[str, Any]
     input_format: str
     input_data: bytes | None
+    input_path: str | None = None  # a file in the files directory, mapped instead of sent
 
 
 def _progress_sender(conn: Connection) -> Any:
@@ -63,7 +64,7 @@ def run(request: RunRequest) -> ResultData:
     task = registry.get(request.task)
     if task is None:
         raise LookupError(f"no task named {request.task!r} is registered in the worker")
-    frame = formats.load_input(request.input_format, request.input_data)
+    frame = formats.load_input(request.input_format, request.input_data, request.input_path)
     return formats.encode_result(task.call(frame, request.params))
 
 

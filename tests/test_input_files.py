@@ -1,0 +1,136 @@
+"""Uploaded tables kept as files beside the database (SQLite), or in it (PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select, update
+
+from jobsvc import retention
+from jobsvc.db import Database
+from jobsvc.files import ORPHAN_AGE_SECONDS, FileStore
+from jobsvc.models import job_inputs, jobs
+from jobsvc.settings import Settings
+from tests.conftest import wait_for_status
+
+CSV_BODY = b"city,temp\nOslo,3.5\nLima,19.0\nOslo,4.5\n"
+STEPS = [{"op": "group_by", "by": ["city"], "aggregations": {"temp": ["mean"]}}]
+
+
+async def upload(
+    client: httpx.AsyncClient, body: bytes = CSV_BODY, **headers: str
+) -> httpx.Response:
+    return await client.post(
+        "/jobs",
+        params={"task": "pipeline", "params": json.dumps({"steps": STEPS})},
+        content=body,
+        headers={"Content-Type": "text/csv", **headers},
+    )
+
+
+async def input_row(settings: Settings, job_id: str) -> Any:
+    db = Database(settings)
+    try:
+        async with db.read() as conn:
+            query = select(job_inputs).where(job_inputs.c.job_id == job_id)
+            return (await conn.execute(query)).one()
+    finally:
+        await db.dispose()
+
+
+def stored_files(settings: Settings) -> list[str]:
+    store = FileStore.for_settings(settings)
+    if store is None or not store.root.is_dir():
+        return []
+    return sorted(os.listdir(store.root))
+
+
+async def test_an_upload_is_a_file_on_sqlite_and_a_row_on_postgres(
+    client: httpx.AsyncClient, settings: Settings, backend: str
+) -> None:
+    response = await upload(client)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    row = await input_row(settings, job_id)
+    assert (row.rows, row.columns) == (3, 2)
+    if backend == "sqlite":
+        store = FileStore.for_settings(settings)
+        assert store is not None
+        assert (row.format, row.data, row.path) == ("arrow", None, f"{job_id}.arrow")
+        assert stored_files(settings) == [row.path]
+        assert row.size_bytes == (store.root / row.path).stat().st_size
+    else:
+        assert (row.format, row.path) == ("parquet", None)
+        assert row.data
+        assert stored_files(settings) == []
+    done = await wait_for_status(client, job_id)
+    assert done["status"] == "succeeded", done
+    result = await client.get(f"/jobs/{job_id}/result", headers={"Accept": "application/json"})
+    assert sorted(result.json(), key=lambda r: r["city"]) == [
+        {"city": "Lima", "temp_mean": 19.0},
+        {"city": "Oslo", "temp_mean": 4.0},
+    ]
+
+
+async def test_a_refused_or_replayed_upload_leaves_no_file(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    bad = await upload(client, b'a,b\n1,"unterminated\n')
+    assert bad.status_code == 422, bad.text
+    assert stored_files(settings) == []
+    first = await upload(client, **{"Idempotency-Key": "k1"})
+    again = await upload(client, **{"Idempotency-Key": "k1"})
+    assert (first.status_code, again.status_code) == (202, 200), again.text
+    assert again.json()["id"] == first.json()["id"]
+    assert len(stored_files(settings)) == (1 if settings.is_sqlite else 0)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # PostgreSQL keeps inputs in the database
+async def test_prune_removes_files_of_pruned_jobs_and_orphans(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    old, kept = [(await upload(client)).json()["id"] for _ in range(2)]
+    for job_id in (old, kept):
+        assert (await wait_for_status(client, job_id))["status"] == "succeeded"
+    store = FileStore.for_settings(settings)
+    assert store is not None
+    orphan = store.root / "01930000-0000-7000-8000-000000000000.arrow"
+    orphan.write_bytes(b"left by a crash before its row committed")
+    young_orphan = store.root / "01930000-0000-7000-8000-000000000001.arrow"
+    young_orphan.write_bytes(b"its row may be about to commit")
+    an_hour_ago = time.time() - ORPHAN_AGE_SECONDS - 60
+    for path in (orphan, store.root / f"{kept}.arrow"):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+
+    db = Database(settings)
+    try:
+        async with db.write() as conn:
+            await conn.execute(
+                update(jobs)
+                .where(jobs.c.id == old)
+                .values(finished_at=db.now() - timedelta(days=9))
+            )
+        assert await retention.prune(db, timedelta(days=7), store) == 1
+    finally:
+        await db.dispose()
+    # The old job's file and the old orphan are gone; a referenced file stays however old.
+    assert stored_files(settings) == sorted([f"{kept}.arrow", young_orphan.name])
+    assert (await client.get(f"/jobs/{kept}/result")).status_code == 200
+
+
+def test_files_dir_defaults_beside_a_sqlite_file(tmp_path: Path) -> None:
+    store = FileStore.for_settings(Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/j.db"))
+    assert store is not None
+    assert store.root == tmp_path / "j.db.files"
+    assert FileStore.for_settings(Settings(database_url="postgresql+asyncpg://h/db")) is None
+    shared = Settings(database_url="postgresql+asyncpg://h/db", files_dir=str(tmp_path / "s"))
+    shared_store = FileStore.for_settings(shared)
+    assert shared_store is not None
+    assert shared_store.root == tmp_path / "s"
