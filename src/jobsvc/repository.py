@@ -14,9 +14,10 @@ import os
 import secrets
 import threading
 import time
+from collections import namedtuple
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Row, and_, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -165,9 +166,20 @@ async def insert_jobs(
     if input_values:
         await conn.execute(insert(job_inputs), input_values)
     await conn.execute(insert(job_events), event_values)
-    ids = [values["id"] for values in job_values]
-    rows = {row.id: row for row in (await conn.execute(select(jobs).where(jobs.c.id.in_(ids))))}
-    return [rows[job_id] for job_id in ids]
+    # Every column is known here: reading the rows back would only cost the hot path a query.
+    return [_stored_row(values) for values in job_values]
+
+
+# A new job's row as a read would return it (columns not inserted are NULL).
+_JobRecord = namedtuple("_JobRecord", [column.name for column in jobs.c])  # type: ignore[misc]
+
+
+def _stored_row(values: dict[str, Any]) -> JobRow:
+    run_at: datetime = values["run_at"]
+    record = _JobRecord(
+        **{**dict.fromkeys(_JobRecord._fields), **values, "run_at": run_at.astimezone(UTC)}
+    )
+    return cast(JobRow, record)
 
 
 async def insert_job(
