@@ -72,6 +72,10 @@ def new_worker_id(host: str) -> str:
 JobRow = Row[Any]
 
 
+Events = list[dict[str, Any]]
+"""Event rows gathered in a transaction, to be inserted in one statement (``add_events``)."""
+
+
 async def add_event(
     conn: AsyncConnection,
     job_id: str,
@@ -81,19 +85,26 @@ async def add_event(
     *,
     worker: str | None = None,
     error: AttemptError | None = None,
+    into: Events | None = None,
 ) -> None:
-    await conn.execute(
-        insert(job_events).values(
-            job_id=job_id,
-            at=at,
-            status=status,
-            attempt=attempt,
-            worker=worker,
-            error_type=error.type if error else None,
-            error_message=error.message if error else None,
-            error_traceback=error.traceback if error else None,
-        )
-    )
+    """Record a state change; with ``into``, gather it for ``add_events`` instead."""
+    row = {
+        "job_id": job_id,
+        "at": at,
+        "status": status,
+        "attempt": attempt,
+        "worker": worker,
+        **_error_columns(error),
+    }
+    if into is not None:
+        into.append(row)
+    else:
+        await conn.execute(insert(job_events), [row])
+
+
+async def add_events(conn: AsyncConnection, rows: Events) -> None:
+    if rows:
+        await conn.execute(insert(job_events), rows)
 
 
 def _error_columns(error: AttemptError | None) -> dict[str, Any]:
@@ -265,10 +276,16 @@ async def transition(
 
 
 async def claim(
-    conn: AsyncConnection, worker: str, now: datetime, lease_until: datetime, limit: int = 1
+    conn: AsyncConnection,
+    worker: str,
+    now: datetime,
+    lease_until: datetime,
+    limit: int = 1,
+    *,
+    events: Events | None = None,
 ) -> list[JobRow]:
     """Take up to ``limit`` due jobs (by priority, then due time) and start an attempt of each,
-    in one statement; the rows, in claim order."""
+    in one statement; the rows, in claim order. Their events go to ``events`` if given."""
     candidates = (
         select(jobs.c.id)
         .where(jobs.c.status.in_(WAITING), jobs.c.run_at <= now)
@@ -292,20 +309,13 @@ async def claim(
             .returning(*jobs.c)
         )
     ).all()
-    if rows:
-        await conn.execute(
-            insert(job_events),
-            [
-                {
-                    "job_id": row.id,
-                    "at": now,
-                    "status": JobStatus.RUNNING,
-                    "attempt": row.attempts,
-                    "worker": worker,
-                }
-                for row in rows
-            ],
+    started: Events = [] if events is None else events
+    for row in rows:
+        await add_event(
+            conn, row.id, JobStatus.RUNNING, row.attempts, now, worker=worker, into=started
         )
+    if events is None:
+        await add_events(conn, started)
     return sorted(rows, key=lambda row: (row.priority, row.run_at, row.id))
 
 
@@ -352,6 +362,8 @@ async def finish_succeeded(
     attempt: int,
     result: ResultData,
     now: datetime,
+    *,
+    events: Events | None = None,
 ) -> bool:
     """Store the result and the status change together, once; False if the fence failed."""
     changed = await conn.execute(
@@ -374,7 +386,7 @@ async def finish_succeeded(
             created_at=now,
         )
     )
-    await add_event(conn, job_id, JobStatus.SUCCEEDED, attempt, now, worker=worker)
+    await add_event(conn, job_id, JobStatus.SUCCEEDED, attempt, now, worker=worker, into=events)
     return True
 
 
@@ -386,6 +398,8 @@ async def finish_failed_attempt(
     error: AttemptError,
     now: datetime,
     retry_at: datetime | None,
+    *,
+    events: Events | None = None,
 ) -> bool:
     """Record a failed attempt: ``retrying`` until ``retry_at``, or ``failed`` when None."""
     status = JobStatus.RETRYING if retry_at is not None else JobStatus.FAILED
@@ -400,7 +414,7 @@ async def finish_failed_attempt(
     )
     if changed.rowcount != 1:
         return False
-    await add_event(conn, job_id, status, attempt, now, worker=worker, error=error)
+    await add_event(conn, job_id, status, attempt, now, worker=worker, error=error, into=events)
     return True
 
 
