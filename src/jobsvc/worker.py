@@ -24,6 +24,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import pickle
 import random
 import signal
 import socket
@@ -34,6 +35,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 from jobsvc import logs, retention, worker_process
@@ -53,6 +55,7 @@ WORKER_NICENESS = 10
 # Dispatchers alive in this process, so a sweep can tell a previous incarnation (dead) from a
 # sibling (another app in the same process) when both carry this process's pid.
 _LIVE_WORKER_IDS: set[str] = set()
+_WRITE_PIECE_BYTES = 1024 * 1024
 
 
 def process_context() -> BaseContext:
@@ -119,25 +122,24 @@ class ConverterPool:
 
 
 class WorkerProcess:
-    """One worker process and the pipe to it."""
+    """One worker process and the socket to it, read and written on the event loop."""
 
-    def __init__(self, context: BaseContext, settings: Settings) -> None:
-        parent_end, child_end = context.Pipe()
-        self.process = context.Process(  # type: ignore[attr-defined]
-            target=worker_process.main,
-            args=(
-                child_end,
-                settings.task_modules,
-                WORKER_NICENESS,
-                settings.worker_memory_mb,
-                (settings.log_level, settings.log_format),
-            ),
-            name="jobsvc-worker",
-            daemon=True,
-        )
-        self.process.start()
-        child_end.close()  # so a dead child shows as end-of-file on our side
-        self.conn = parent_end
+    def __init__(
+        self, process: BaseProcess, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.process = process
+        self._reader = reader
+        self._writer = writer
+
+    @classmethod
+    async def start(
+        cls, context: BaseContext, settings: Settings, threads: ThreadPoolExecutor
+    ) -> WorkerProcess:
+        loop = asyncio.get_running_loop()
+        # Starting waits on the fork server, so in a thread; the streams belong to the loop.
+        process, sock = await loop.run_in_executor(threads, _start_process, context, settings)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        return cls(process, reader, writer)
 
     @property
     def alive(self) -> bool:
@@ -147,29 +149,28 @@ class WorkerProcess:
         with contextlib.suppress(ProcessLookupError, ValueError):
             self.process.kill()
 
-    def close(self) -> None:
+    async def close(self) -> None:
         with contextlib.suppress(OSError):
-            self.conn.send(None)
-        self.process.join(timeout=2)
+            await self._send(None)  # asks the process to exit
+        await self._join(2)
         if self.process.is_alive():
             self.kill()
-            self.process.join(timeout=2)
-        self.conn.close()
+            await self._join(2)
+        self._writer.close()
+        with contextlib.suppress(OSError):
+            await self._writer.wait_closed()
 
     async def run(
         self,
         request: worker_process.RunRequest,
-        threads: ThreadPoolExecutor,
         on_progress: Callable[[float], Awaitable[None]],
         timeout: float | None,  # noqa: ASYNC109 - the task's own limit, enforced by killing
     ) -> ResultData | AttemptError:
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(threads, self.conn.send, request)
+            await self._send(request)
             async with asyncio.timeout(timeout):
                 while True:
-                    # The pipe is read in a thread: a large result must not stall the loop.
-                    kind, payload = await loop.run_in_executor(threads, self.conn.recv)
+                    kind, payload = await self._receive()
                     if kind == "progress":
                         await on_progress(payload)
                         continue
@@ -177,14 +178,67 @@ class WorkerProcess:
                     return outcome
         except TimeoutError:
             self.kill()
+            await self._join(5)  # so ``alive`` is false and the process is replaced
             return AttemptError(
                 "TimeoutError",
                 f"the task ran longer than its {timeout:g} s timeout; its worker process was "
                 "stopped",
             )
-        except (EOFError, OSError):
-            await loop.run_in_executor(threads, self.process.join, 5)
+        except (EOFError, OSError):  # asyncio.IncompleteReadError is an EOFError
+            await self._join(5)
             return AttemptError("WorkerLost", describe_exit(self.process.exitcode))
+
+    async def _send(self, message: object) -> None:
+        payload = memoryview(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        self._writer.write(worker_process.FRAME_HEADER.pack(len(payload)))
+        # A piece at a time, each drained before the next: handed over whole, a large input
+        # would be copied into the transport's buffer at once, stalling the loop meanwhile.
+        for start in range(0, len(payload), _WRITE_PIECE_BYTES):
+            self._writer.write(payload[start : start + _WRITE_PIECE_BYTES])
+            await self._writer.drain()
+
+    async def _receive(self) -> Any:
+        # Gathered as it arrives: a large result holds the loop only for its final copies.
+        header = await self._reader.readexactly(worker_process.FRAME_HEADER.size)
+        (size,) = worker_process.FRAME_HEADER.unpack(header)
+        payload = await self._reader.readexactly(size)
+        return pickle.loads(payload)  # noqa: S301 - from our own worker process
+
+    async def _join(self, seconds: float) -> None:
+        """``Process.join(seconds)`` that leaves the loop free to run other jobs meanwhile."""
+        if not self.process.is_alive():
+            return
+        loop = asyncio.get_running_loop()
+        exited = asyncio.Event()
+        # The sentinel turns readable when the process ends (forkserver: its exit status).
+        loop.add_reader(self.process.sentinel, exited.set)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(exited.wait(), seconds)
+        finally:
+            loop.remove_reader(self.process.sentinel)
+        self.process.join(0)  # collects the exit status, if it is there
+
+
+def _start_process(context: BaseContext, settings: Settings) -> tuple[BaseProcess, socket.socket]:
+    ours, theirs = socket.socketpair()
+    process = context.Process(  # type: ignore[attr-defined]
+        target=worker_process.main,
+        args=(
+            theirs,
+            settings.task_modules,
+            WORKER_NICENESS,
+            settings.worker_memory_mb,
+            (settings.log_level, settings.log_format),
+        ),
+        name="jobsvc-worker",
+        daemon=True,
+    )
+    try:
+        process.start()
+    finally:
+        theirs.close()  # so a dead child shows as end-of-file on our side
+    return process, ours
 
 
 @dataclass
@@ -216,7 +270,7 @@ class Dispatcher:
         self._idle: asyncio.Queue[WorkerProcess] = asyncio.Queue()
         self._processes: list[WorkerProcess] = []
         self._threads = ThreadPoolExecutor(
-            max_workers=2 * settings.workers + 2, thread_name_prefix="jobsvc-pipe"
+            max_workers=settings.workers, thread_name_prefix="jobsvc-spawn"
         )
         self._context = process_context()
         self._loops: list[asyncio.Task[None]] = []
@@ -268,10 +322,7 @@ class Dispatcher:
                 released = await repo.release_all(conn, self.worker_id, self.db.now())
             if released:
                 log.info("handed %d running jobs back to the queue", released)
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(
-            *(loop.run_in_executor(self._threads, p.close) for p in self._processes)
-        )
+        await asyncio.gather(*(p.close() for p in self._processes))
         self._threads.shutdown(wait=False, cancel_futures=True)
         _LIVE_WORKER_IDS.discard(self.worker_id)
 
@@ -341,10 +392,7 @@ class Dispatcher:
     # --- claiming and running ------------------------------------------------------------------
 
     async def _spawn(self) -> WorkerProcess:
-        loop = asyncio.get_running_loop()
-        process = await loop.run_in_executor(
-            self._threads, WorkerProcess, self._context, self.settings
-        )
+        process = await WorkerProcess.start(self._context, self.settings, self._threads)
         self._processes.append(process)
         return process
 
@@ -414,6 +462,7 @@ class Dispatcher:
         finally:
             if not process.alive and not self._stopping:
                 self._processes.remove(process)
+                await process.close()
                 process = await self._spawn()
             self._idle.put_nowait(process)
 
@@ -467,7 +516,7 @@ class Dispatcher:
             if not held:
                 self.abort(job.id)
 
-        return await attempt.process.run(request, self._threads, on_progress, job.timeout_seconds)
+        return await attempt.process.run(request, on_progress, job.timeout_seconds)
 
     def _input_path(self, stored: repo.JobRow | None) -> str | None:
         if stored is None or not stored.path:

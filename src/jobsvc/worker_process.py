@@ -1,19 +1,24 @@
 """The body of a worker process: receive a job, run its task, send back the outcome.
 
 Runs in a child process, so pandas never competes with the event loop for the interpreter.
-It does no database work: everything it learns goes back over its pipe, and the service
+It does no database work: everything it learns goes back over its socket, and the service
 writes it. A process that dies mid-job (segfault, out of memory, ``kill -9``) is noticed by
-the service as a closed pipe.
+the service as end-of-file on the socket.
+
+Messages both ways are framed the same: the pickle's length (``FRAME_HEADER``), then the pickle.
+This side reads and writes blocking; the service's side is its event loop's streams.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import resource
+import socket
+import struct
 import time
 import traceback
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any
 
 from jobsvc import formats, logs
@@ -29,6 +34,7 @@ THREAD_LIMITS = {
     "NUMEXPR_NUM_THREADS": "1",
 }
 _PROGRESS_INTERVAL = 0.2
+FRAME_HEADER = struct.Struct("!Q")  # the length of the pickle that follows
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,30 @@ class RunRequest:
     input_path: str | None = None  # a file in the files directory, mapped instead of sent
 
 
-def _progress_sender(conn: Connection) -> Any:
+def send_message(sock: socket.socket, message: object) -> None:
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    # Two writes: joining header and payload would copy a large result, under the memory cap.
+    sock.sendall(FRAME_HEADER.pack(len(payload)))
+    sock.sendall(payload)
+
+
+def receive_message(sock: socket.socket) -> Any:
+    (size,) = FRAME_HEADER.unpack(_receive_exactly(sock, FRAME_HEADER.size))
+    return pickle.loads(_receive_exactly(sock, size))  # noqa: S301 - from the service itself
+
+
+def _receive_exactly(sock: socket.socket, size: int) -> bytearray:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    while view:
+        received = sock.recv_into(view)
+        if not received:
+            raise EOFError("the service closed its end of the socket")
+        view = view[received:]
+    return buffer
+
+
+def _progress_sender(sock: socket.socket) -> Any:
     last_sent = 0.0
 
     def send(value: float) -> None:
@@ -51,7 +80,7 @@ def _progress_sender(conn: Connection) -> Any:
         # Fewer messages, fewer writes: a tight loop reporting progress must not flood the DB.
         if value >= 1.0 or now - last_sent >= _PROGRESS_INTERVAL:
             last_sent = now
-            conn.send(("progress", value))
+            send_message(sock, ("progress", value))
 
     return send
 
@@ -79,7 +108,7 @@ def _cap_memory(megabytes: int | None) -> None:
 
 
 def main(
-    conn: Connection,
+    sock: socket.socket,
     task_modules: list[str],
     niceness: int,
     memory_mb: int | None = None,
@@ -90,10 +119,10 @@ def main(
     _cap_memory(memory_mb)
     logs.configure(*log)
     import_task_modules(task_modules)
-    progress.set_sink(_progress_sender(conn))
+    progress.set_sink(_progress_sender(sock))
     while True:
         try:
-            request = conn.recv()
+            request = receive_message(sock)
         except (EOFError, OSError):
             return  # the service is gone
         if request is None:
@@ -101,7 +130,7 @@ def main(
         try:
             with logs.job_context(request.job_id, request.attempt):
                 outcome = run(request)
-            conn.send(("ok", outcome))
+            send_message(sock, ("ok", outcome))
         except BaseException as error:  # a task's SystemExit or MemoryError is its failure too
             failure = AttemptError(
                 type(error).__name__,
@@ -109,4 +138,4 @@ def main(
                 traceback.format_exc(),
                 retryable=not isinstance(error, PermanentError),
             )
-            conn.send(("error", failure))
+            send_message(sock, ("error", failure))
