@@ -369,8 +369,10 @@ def run_wrk(
             "--",
             *(args or []),
         ]
+        finished = Path(tmp) / "finished"
         env = {
             **os.environ,
+            "BENCH_FINISHED": str(finished),
             "BENCH_OUT": str(out),
             "BENCH_IDS_OUT": str(ids),
             "BENCH_LUA_DIR": str(BENCH / "lua"),
@@ -379,7 +381,7 @@ def run_wrk(
         with (Path(tmp) / "wrk.log").open("wb") as log:
             process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
             try:
-                _, status, usage = os.wait4(process.pid, 0)
+                _, status, usage = _wait_for_wrk(process, finished)
             except BaseException:
                 process.kill()
                 process.wait()
@@ -400,6 +402,20 @@ def run_wrk(
             wrk_cpu=usage.ru_utime + usage.ru_stime,
             target_cpu=target_cpu,
         )
+
+
+def _wait_for_wrk(process: subprocess.Popen[bytes], finished: Path) -> tuple[int, int, Any]:
+    """Wait for wrk to exit. wrk always runs for its whole duration, even when a script's
+    threads stop early; a script that is done writes $BENCH_FINISHED, and wrk is then
+    interrupted (SIGINT: it still reports)."""
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            return pid, status, usage
+        if finished.exists():
+            process.send_signal(signal.SIGINT)
+            return os.wait4(process.pid, 0)
+        time.sleep(0.002)
 
 
 def submit_small(client: httpx.Client, records: int = 2, task: str = "summarize") -> dict[str, Any]:

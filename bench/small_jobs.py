@@ -3,14 +3,11 @@ against huey (SqliteHuey, 2 worker processes) doing the same pandas work."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from bench.common import (
     PYTHON,
@@ -20,6 +17,7 @@ from bench.common import (
     jobsvc_server,
     profiler,
     progress,
+    run_wrk,
     sqlite_query,
     workspace,
 )
@@ -37,25 +35,17 @@ def records(i: int) -> list[dict[str, Any]]:
     return [{"a": i + k, "b": (i + k) * 0.5, "c": k % 3} for k in range(5)]
 
 
-async def submit_all(url: str, n: int) -> float:
-    """Submit ``n`` small summarize jobs over ``CONCURRENCY`` connections; wall seconds."""
-    limits = httpx.Limits(max_connections=CONCURRENCY)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(n):
-            queue.put_nowait(i)
-
-        async def sender() -> None:
-            while not queue.empty():
-                i = queue.get_nowait()
-                response = await client.post(
-                    "/jobs", json={"task": "summarize", "data": records(i)}
-                )
-                response.raise_for_status()
-
-        started = time.perf_counter()
-        await asyncio.gather(*(sender() for _ in range(CONCURRENCY)))
-        return time.perf_counter() - started
+def submit_all(url: str, n: int, first: int = 0) -> float:
+    """Submit ``n`` small summarize jobs over ``CONCURRENCY`` connections (wrk, so that the
+    load generator's own CPU is small beside the server's on two cores); wall seconds."""
+    started = time.perf_counter()
+    result = run_wrk(
+        url, "post_jobs.lua", seconds=TIMEOUT, connections=CONCURRENCY, args=[str(n), str(first)]
+    )
+    elapsed = time.perf_counter() - started
+    if len(result.ids) != n or result.count(202) != n:
+        raise RuntimeError(f"{n} submits gave {result.statuses}, errors {result.errors}")
+    return elapsed
 
 
 def wait_until(count: Any, n: int, what: str) -> None:
@@ -73,11 +63,11 @@ def jobsvc_rate(tmp: Path) -> tuple[float, float]:
         return int(sqlite_query(db, "select count(*) from jobs where status = 'succeeded'")[0][0])
 
     with jobsvc_server(tmp, workers=WORKERS) as server:
-        asyncio.run(submit_all(server.url, 50))  # warm-up
+        submit_all(server.url, 50, first=N)  # warm-up
         wait_until(succeeded, 50, "jobsvc warm-up")
         started = time.perf_counter()
         with profiler(server.pid, "small-jobs", 5):
-            submit_seconds = asyncio.run(submit_all(server.url, N))
+            submit_seconds = submit_all(server.url, N)
             wait_until(succeeded, 50 + N, "jobsvc")
         elapsed = time.perf_counter() - started
         failed = sqlite_query(db, "select count(*) from jobs where status != 'succeeded'")[0][0]
@@ -124,7 +114,8 @@ def run() -> list[Row]:
     ratio = ours / theirs
     notes = [
         f"N = {N} jobs of 5 records each; jobsvc: `summarize` submitted over HTTP with "
-        f"{CONCURRENCY} concurrent connections (httpx) at {submit_rate:,.0f}/s, "
+        f"{CONCURRENCY} concurrent connections (wrk, `bench/lua/post_jobs.lua`) at "
+        f"{submit_rate:,.0f}/s, "
         f"`JOBSVC_WORKERS={WORKERS}`; huey: SqliteHuey (`fsync=True`, i.e. synchronous=FULL, "
         f"like jobsvc), `-k process -w {WORKERS}`, polling from 10 ms backing off to 50 ms, "
         f"`DataFrame(records).describe()`, enqueued in-process (no HTTP) at "

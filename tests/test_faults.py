@@ -56,10 +56,10 @@ async def service(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
 def fill(directory: Path) -> Path:
     """Write zeros until the filesystem refuses; returns the filler to delete later."""
     filler = directory / "filler"
-    with filler.open("wb") as out, contextlib.suppress(OSError):
+    # Unbuffered: a buffered file would try the refused bytes again when it is closed.
+    with filler.open("wb", buffering=0) as out, contextlib.suppress(OSError):
         while True:
             out.write(b"\0" * 65536)
-            out.flush()
     return filler
 
 

@@ -16,8 +16,10 @@ Driver errors that mean "cannot write now" become ``StorageUnavailable``/``Datab
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -78,11 +80,20 @@ class Database:
         self.inline_writer: Engine | None = None
         self.inline_reader: Engine | None = None
         self.engine: AsyncEngine | None = None
+        self._commit_thread: ThreadPoolExecutor | None = None
         if self.dialect != "sqlite":
             self.engine = create_async_engine(self.url, pool_size=10, max_overflow=10)
             return
         sync_url = make_url(self.url).set(drivername="sqlite")
         self._write_lock = asyncio.Lock()
+        # At synchronous=FULL a commit waits for the disk (an fsync). The driver lets go of
+        # the GIL while it waits, so the commit goes to a thread and the loop serves requests
+        # and worker messages meanwhile; the write lock stays held, so nothing else writes.
+        self._commit_thread = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobsvc-commit")
+            if settings.sqlite_synchronous == "FULL"
+            else None
+        )
         # Waiting for another process's write lock must not block the loop, so the driver
         # never waits (busy_timeout=0): write() retries, asleep, until the busy timeout.
         self.inline_writer = create_engine(sync_url, pool_size=1, max_overflow=1)
@@ -152,7 +163,10 @@ class Database:
                 except BaseException:
                     sync_conn.exec_driver_sql("ROLLBACK")
                     raise
-                sync_conn.exec_driver_sql("COMMIT")
+                if self._commit_thread is None:
+                    sync_conn.exec_driver_sql("COMMIT")
+                else:
+                    await _finish_in(self._commit_thread, sync_conn.exec_driver_sql, "COMMIT")
         except DBAPIError as error:
             raise _inline_fault(engine, error) from error
 
@@ -189,6 +203,20 @@ class Database:
         for engine in (self.inline_reader, self.inline_writer):
             if engine is not None:
                 engine.dispose()
+        if self._commit_thread is not None:
+            self._commit_thread.shutdown(wait=True)
+
+
+async def _finish_in(thread: ThreadPoolExecutor, func: Any, *args: Any) -> Any:
+    """``func`` in ``thread``, awaited; if the caller is cancelled meanwhile, the call is
+    still waited for (briefly, blocking), so the connection is never used by two threads."""
+    running = thread.submit(func, *args)
+    try:
+        return await asyncio.wrap_future(running)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            running.result()
+        raise
 
 
 class InlineConnection:

@@ -33,6 +33,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -52,6 +53,12 @@ ACTIVE = WAITING | {JobStatus.RUNNING}
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 CANCELLABLE = ACTIVE
 RETRYABLE = frozenset({JobStatus.FAILED, JobStatus.CANCELLED})
+
+# The conditions of the partial indexes below, written out with their values: a query must
+# carry the same condition, with literals rather than bound parameters, for the planner (of
+# SQLite and of PostgreSQL's generic plans) to see that the index applies.
+IS_WAITING = "status IN ('queued', 'retrying')"
+IS_RUNNING = "status = 'running'"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -127,8 +134,23 @@ class Job(Base):
         CheckConstraint(f"status IN ({_STATUS_LIST})", name="status"),
         CheckConstraint("progress IS NULL OR (progress >= 0 AND progress <= 1)", name="progress"),
         UniqueConstraint("owner", "idempotency_key"),
-        # The claim: the first waiting job by priority and due time.
-        Index(None, "status", "priority", "run_at"),
+        # The claim: the first waiting job by priority and due time, found without sorting
+        # however many wait; finished jobs are not in it at all.
+        Index(
+            "ix_jobs_due",
+            "priority",
+            "run_at",
+            "id",
+            sqlite_where=text(IS_WAITING),
+            postgresql_where=text(IS_WAITING),
+        ),
+        # The sweep: running jobs and their lease owners.
+        Index(
+            "ix_jobs_running",
+            "lease_owner",
+            sqlite_where=text(IS_RUNNING),
+            postgresql_where=text(IS_RUNNING),
+        ),
         Index(None, "owner", "status"),
         Index(None, "task"),
     )

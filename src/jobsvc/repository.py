@@ -19,10 +19,20 @@ from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Row, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Row, Select, and_, delete, func, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from jobsvc.models import TERMINAL, WAITING, JobStatus, job_events, job_inputs, job_results, jobs
+from jobsvc.models import (
+    IS_RUNNING,
+    IS_WAITING,
+    TERMINAL,
+    WAITING,
+    JobStatus,
+    job_events,
+    job_inputs,
+    job_results,
+    jobs,
+)
 from jobsvc.records import AttemptError, InputData, NewJob, ResultData
 
 # PostgreSQL: a NOTIFY on this channel, sent when jobs become due now, wakes every instance.
@@ -275,6 +285,16 @@ async def transition(
 # --- the runner's side: claim, heartbeat, progress, finish ---------------------------------
 
 
+def due_jobs(now: datetime, limit: int) -> Select[tuple[str]]:
+    """The ids of the next ``limit`` due jobs, in claim order (read from ``ix_jobs_due``)."""
+    return (
+        select(jobs.c.id)
+        .where(text(IS_WAITING), jobs.c.run_at <= now)
+        .order_by(jobs.c.priority, jobs.c.run_at, jobs.c.id)
+        .limit(limit)
+    )
+
+
 async def claim(
     conn: AsyncConnection,
     worker: str,
@@ -286,13 +306,7 @@ async def claim(
 ) -> list[JobRow]:
     """Take up to ``limit`` due jobs (by priority, then due time) and start an attempt of each,
     in one statement; the rows, in claim order. Their events go to ``events`` if given."""
-    candidates = (
-        select(jobs.c.id)
-        .where(jobs.c.status.in_(WAITING), jobs.c.run_at <= now)
-        .order_by(jobs.c.priority, jobs.c.run_at, jobs.c.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
+    candidates = due_jobs(now, limit).with_for_update(skip_locked=True)
     rows = (
         await conn.execute(
             update(jobs)
@@ -441,7 +455,7 @@ async def release(
 
 
 async def running_lease_owners(conn: AsyncConnection) -> set[str]:
-    query = select(jobs.c.lease_owner).where(jobs.c.status == JobStatus.RUNNING).distinct()
+    query = select(jobs.c.lease_owner).where(text(IS_RUNNING)).distinct()
     return {owner for (owner,) in (await conn.execute(query)).all() if owner}
 
 
@@ -456,7 +470,7 @@ async def reclaim_lost(
     lost = or_(jobs.c.lease_expires_at < now, jobs.c.lease_owner.in_(list(dead_owners)))
     query = (
         select(jobs.c.id, jobs.c.lease_owner, jobs.c.attempts, jobs.c.max_attempts)
-        .where(jobs.c.status == JobStatus.RUNNING, lost)
+        .where(text(IS_RUNNING), lost)
         .with_for_update(skip_locked=True)
     )
     changed: list[tuple[str, str]] = []
@@ -496,7 +510,7 @@ async def reclaim_lost(
 
 async def next_due_at(conn: AsyncConnection) -> datetime | None:
     """When the earliest waiting job becomes due (it may be now, or in the past)."""
-    query = select(func.min(jobs.c.run_at)).where(jobs.c.status.in_(WAITING))
+    query = select(func.min(jobs.c.run_at)).where(text(IS_WAITING))
     value: datetime | None = (await conn.execute(query)).scalar()
     if value is not None and value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
@@ -505,9 +519,7 @@ async def next_due_at(conn: AsyncConnection) -> datetime | None:
 
 async def release_all(conn: AsyncConnection, worker: str, now: datetime) -> int:
     """Hand back every job ``worker`` still runs, uncounted (the end of a graceful stop)."""
-    query = select(jobs.c.id, jobs.c.attempts).where(
-        jobs.c.status == JobStatus.RUNNING, jobs.c.lease_owner == worker
-    )
+    query = select(jobs.c.id, jobs.c.attempts).where(text(IS_RUNNING), jobs.c.lease_owner == worker)
     released = 0
     for job_id, attempts in (await conn.execute(query)).all():
         released += await release(conn, job_id, worker, attempts, now)
@@ -525,7 +537,9 @@ async def count_by_status(conn: AsyncConnection, owner: str | None = None) -> di
 
 
 async def oldest_waiting_created_at(conn: AsyncConnection) -> datetime | None:
-    query = select(func.min(jobs.c.created_at)).where(jobs.c.status == JobStatus.QUEUED)
+    query = select(func.min(jobs.c.created_at)).where(
+        text(IS_WAITING), jobs.c.status == JobStatus.QUEUED
+    )
     value: datetime | None = (await conn.execute(query)).scalar()
     if value is not None and value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
