@@ -19,7 +19,21 @@ from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Row, Select, and_, delete, func, insert, or_, select, text, update
+from sqlalchemy import (
+    Integer,
+    Row,
+    Select,
+    String,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobsvc.models import (
@@ -28,6 +42,7 @@ from jobsvc.models import (
     TERMINAL,
     WAITING,
     JobStatus,
+    UTCDateTime,
     job_events,
     job_inputs,
     job_results,
@@ -285,14 +300,81 @@ async def transition(
 # --- the runner's side: claim, heartbeat, progress, finish ---------------------------------
 
 
-def due_jobs(now: datetime, limit: int) -> Select[tuple[str]]:
-    """The ids of the next ``limit`` due jobs, in claim order (read from ``ix_jobs_due``)."""
+# The runner's statements are built once, with bind parameters: SQLAlchemy then reuses their
+# cache keys and compiled forms, and a job's transaction only binds values (building the
+# statements anew cost more than running them on SQLite).
+_AT = bindparam("at", type_=UTCDateTime())
+_LEASE_UNTIL = bindparam("lease_until", type_=UTCDateTime())
+_FENCE = and_(
+    jobs.c.id == bindparam("fence_id", type_=String()),
+    jobs.c.status == JobStatus.RUNNING,
+    jobs.c.lease_owner == bindparam("fence_worker", type_=String()),
+    jobs.c.attempts == bindparam("fence_attempt", type_=Integer()),
+)
+"""The fence: the job is running this attempt under this worker's lease (see ``_held_by``)."""
+
+
+def _held_by(job_id: str, worker: str, attempt: int) -> dict[str, Any]:
+    return {"fence_id": job_id, "fence_worker": worker, "fence_attempt": attempt}
+
+
+def _due(due_by: Any, limit: Any) -> Select[tuple[str]]:
     return (
         select(jobs.c.id)
-        .where(text(IS_WAITING), jobs.c.run_at <= now)
+        .where(text(IS_WAITING), jobs.c.run_at <= due_by)
         .order_by(jobs.c.priority, jobs.c.run_at, jobs.c.id)
         .limit(limit)
     )
+
+
+def due_jobs(now: datetime, limit: int) -> Select[tuple[str]]:
+    """The ids of the next ``limit`` due jobs, in claim order (read from ``ix_jobs_due``)."""
+    return _due(now, limit)
+
+
+_CLAIM = (
+    update(jobs)
+    .where(
+        jobs.c.id.in_(
+            _due(bindparam("due_by", type_=UTCDateTime()), bindparam("claim_limit"))
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        ),
+        jobs.c.status.in_(sorted(WAITING)),
+    )
+    .values(
+        status=JobStatus.RUNNING,
+        attempts=jobs.c.attempts + 1,
+        lease_owner=bindparam("claimer", type_=String()),
+        lease_expires_at=_LEASE_UNTIL,
+        started_at=_AT,
+        updated_at=_AT,
+        progress=None,
+    )
+    .returning(*jobs.c)
+)
+_INPUTS = select(job_inputs).where(job_inputs.c.job_id.in_(bindparam("ids", expanding=True)))
+_RENEW = (
+    update(jobs)
+    .where(_FENCE)
+    .values(lease_expires_at=bindparam("lease_until", type_=UTCDateTime()))
+)
+_SAVE_PROGRESS = (
+    update(jobs).where(_FENCE).values(progress=bindparam("new_progress"), updated_at=_AT)
+)
+_SUCCEED = (
+    update(jobs)
+    .where(_FENCE)
+    .values(
+        status=JobStatus.SUCCEEDED,
+        finished_at=_AT,
+        updated_at=_AT,
+        progress=1.0,
+        lease_owner=None,
+        lease_expires_at=None,
+    )
+)
+_INSERT_RESULT = insert(job_results)
 
 
 async def claim(
@@ -306,23 +388,14 @@ async def claim(
 ) -> list[JobRow]:
     """Take up to ``limit`` due jobs (by priority, then due time) and start an attempt of each,
     in one statement; the rows, in claim order. Their events go to ``events`` if given."""
-    candidates = due_jobs(now, limit).with_for_update(skip_locked=True)
-    rows = (
-        await conn.execute(
-            update(jobs)
-            .where(jobs.c.id.in_(candidates.scalar_subquery()), jobs.c.status.in_(WAITING))
-            .values(
-                status=JobStatus.RUNNING,
-                attempts=jobs.c.attempts + 1,
-                lease_owner=worker,
-                lease_expires_at=lease_until,
-                started_at=now,
-                updated_at=now,
-                progress=None,
-            )
-            .returning(*jobs.c)
-        )
-    ).all()
+    values = {
+        "due_by": now,
+        "claim_limit": limit,
+        "claimer": worker,
+        "lease_until": lease_until,
+        "at": now,
+    }
+    rows = (await conn.execute(_CLAIM, values)).all()
     started: Events = [] if events is None else events
     for row in rows:
         await add_event(
@@ -334,18 +407,8 @@ async def claim(
 
 
 async def get_inputs(conn: AsyncConnection, job_ids: Sequence[str]) -> dict[str, JobRow]:
-    query = select(job_inputs).where(job_inputs.c.job_id.in_(job_ids))
-    return {row.job_id: row for row in (await conn.execute(query)).all()}
-
-
-def _held_by(job_id: str, worker: str, attempt: int) -> Any:
-    """The fence: the job is running this attempt under this worker's lease."""
-    return and_(
-        jobs.c.id == job_id,
-        jobs.c.status == JobStatus.RUNNING,
-        jobs.c.lease_owner == worker,
-        jobs.c.attempts == attempt,
-    )
+    rows = (await conn.execute(_INPUTS, {"ids": list(job_ids)})).all()
+    return {row.job_id: row for row in rows}
 
 
 async def renew_lease(
@@ -353,7 +416,7 @@ async def renew_lease(
 ) -> bool:
     """Extend the lease; False when the attempt no longer holds it (cancelled, taken over)."""
     result = await conn.execute(
-        update(jobs).where(_held_by(job_id, worker, attempt)).values(lease_expires_at=lease_until)
+        _RENEW, {**_held_by(job_id, worker, attempt), "lease_until": lease_until}
     )
     return result.rowcount == 1
 
@@ -361,12 +424,8 @@ async def renew_lease(
 async def save_progress(
     conn: AsyncConnection, job_id: str, worker: str, attempt: int, progress: float, now: datetime
 ) -> bool:
-    result = await conn.execute(
-        update(jobs)
-        .where(_held_by(job_id, worker, attempt))
-        .values(progress=progress, updated_at=now)
-    )
-    return result.rowcount == 1
+    values = {**_held_by(job_id, worker, attempt), "new_progress": progress, "at": now}
+    return (await conn.execute(_SAVE_PROGRESS, values)).rowcount == 1
 
 
 async def finish_succeeded(
@@ -380,26 +439,19 @@ async def finish_succeeded(
     events: Events | None = None,
 ) -> bool:
     """Store the result and the status change together, once; False if the fence failed."""
-    changed = await conn.execute(
-        update(jobs)
-        .where(_held_by(job_id, worker, attempt))
-        .values(
-            status=JobStatus.SUCCEEDED, finished_at=now, updated_at=now, progress=1.0, **_NO_LEASE
-        )
-    )
+    changed = await conn.execute(_SUCCEED, {**_held_by(job_id, worker, attempt), "at": now})
     if changed.rowcount != 1:
         return False
-    await conn.execute(
-        insert(job_results).values(
-            job_id=job_id,
-            attempt=attempt,
-            kind=result.kind,
-            data=result.data,
-            value=result.value,
-            rows=result.rows,
-            created_at=now,
-        )
-    )
+    result_row = {
+        "job_id": job_id,
+        "attempt": attempt,
+        "kind": result.kind,
+        "data": result.data,
+        "value": result.value,
+        "rows": result.rows,
+        "created_at": now,
+    }
+    await conn.execute(_INSERT_RESULT, [result_row])
     await add_event(conn, job_id, JobStatus.SUCCEEDED, attempt, now, worker=worker, into=events)
     return True
 
@@ -424,7 +476,7 @@ async def finish_failed_attempt(
     else:
         values["finished_at"] = now
     changed = await conn.execute(
-        update(jobs).where(_held_by(job_id, worker, attempt)).values(values)
+        update(jobs).where(_FENCE).values(values), _held_by(job_id, worker, attempt)
     )
     if changed.rowcount != 1:
         return False
@@ -438,7 +490,7 @@ async def release(
     """Hand a running job back to the queue without counting its attempt (graceful stop)."""
     changed = await conn.execute(
         update(jobs)
-        .where(_held_by(job_id, worker, attempt))
+        .where(_FENCE)
         .values(
             status=JobStatus.QUEUED,
             attempts=jobs.c.attempts - 1,
@@ -446,7 +498,8 @@ async def release(
             updated_at=now,
             progress=None,
             **_NO_LEASE,
-        )
+        ),
+        _held_by(job_id, worker, attempt),
     )
     if changed.rowcount != 1:
         return False
@@ -497,7 +550,7 @@ async def reclaim_lost(
                 **_NO_LEASE,
             }
             result = await conn.execute(
-                update(jobs).where(_held_by(job_id, owner, attempts)).values(values)
+                update(jobs).where(_FENCE).values(values), _held_by(job_id, owner, attempts)
             )
             ok = result.rowcount == 1
             if ok:
