@@ -375,6 +375,82 @@ _SUCCEED = (
     )
 )
 _INSERT_RESULT = insert(job_results)
+# On PostgreSQL, the fenced status change and the result's insert are one statement: the
+# result is inserted only for the row the fence let through.
+_SUCCEEDED = _SUCCEED.returning(jobs.c.id).cte("succeeded")
+_SUCCEED_WITH_RESULT = insert(job_results).from_select(
+    ["job_id", "attempt", "kind", "data", "value", "rows", "created_at"],
+    select(
+        _SUCCEEDED.c.id,
+        *(
+            bindparam(f"result_{name}", type_=job_results.c[name].type)
+            for name in ("attempt", "kind", "data", "value", "rows", "created_at")
+        ),
+    ),
+)
+
+
+# On PostgreSQL, the claim and the read of the claimed jobs' inputs are one statement (one
+# round trip less per job); SQLite cannot put an UPDATE ... RETURNING in a WITH clause.
+_CLAIMED = _CLAIM.cte("claimed")
+_CLAIM_WITH_INPUTS = select(
+    _CLAIMED,
+    job_inputs.c.format.label("input_format"),
+    job_inputs.c.data.label("input_data"),
+    job_inputs.c.path.label("input_path"),
+).select_from(_CLAIMED.outerjoin(job_inputs, job_inputs.c.job_id == _CLAIMED.c.id))
+_StoredInput = namedtuple("_StoredInput", ["format", "data", "path"])
+
+
+async def claim_with_inputs(
+    conn: AsyncConnection,
+    worker: str,
+    now: datetime,
+    lease_until: datetime,
+    limit: int = 1,
+    *,
+    events: Events | None = None,
+) -> list[tuple[JobRow, Any]]:
+    """``claim``, with each job's input (``format``, ``data``, ``path``; None without one)."""
+    if conn.dialect.name != "postgresql":
+        claimed = await claim(conn, worker, now, lease_until, limit, events=events)
+        inputs = await get_inputs(conn, [job.id for job in claimed]) if claimed else {}
+        return [(job, inputs.get(job.id)) for job in claimed]
+    values = _claim_values(worker, now, lease_until, limit)
+    rows = (await conn.execute(_CLAIM_WITH_INPUTS, values)).all()
+    await _started(conn, rows, worker, now, events)
+    return [
+        (row, _StoredInput(row.input_format, row.input_data, row.input_path))
+        if row.input_format is not None
+        else (row, None)
+        for row in sorted(rows, key=_claim_order)
+    ]
+
+
+def _claim_values(worker: str, now: datetime, lease_until: datetime, limit: int) -> dict[str, Any]:
+    return {
+        "due_by": now,
+        "claim_limit": limit,
+        "claimer": worker,
+        "lease_until": lease_until,
+        "at": now,
+    }
+
+
+def _claim_order(row: Any) -> tuple[Any, ...]:
+    return (row.priority, row.run_at, row.id)
+
+
+async def _started(
+    conn: AsyncConnection, rows: Sequence[Any], worker: str, now: datetime, events: Events | None
+) -> None:
+    started: Events = [] if events is None else events
+    for row in rows:
+        await add_event(
+            conn, row.id, JobStatus.RUNNING, row.attempts, now, worker=worker, into=started
+        )
+    if events is None:
+        await add_events(conn, started)
 
 
 async def claim(
@@ -388,22 +464,10 @@ async def claim(
 ) -> list[JobRow]:
     """Take up to ``limit`` due jobs (by priority, then due time) and start an attempt of each,
     in one statement; the rows, in claim order. Their events go to ``events`` if given."""
-    values = {
-        "due_by": now,
-        "claim_limit": limit,
-        "claimer": worker,
-        "lease_until": lease_until,
-        "at": now,
-    }
+    values = _claim_values(worker, now, lease_until, limit)
     rows = (await conn.execute(_CLAIM, values)).all()
-    started: Events = [] if events is None else events
-    for row in rows:
-        await add_event(
-            conn, row.id, JobStatus.RUNNING, row.attempts, now, worker=worker, into=started
-        )
-    if events is None:
-        await add_events(conn, started)
-    return sorted(rows, key=lambda row: (row.priority, row.run_at, row.id))
+    await _started(conn, rows, worker, now, events)
+    return sorted(rows, key=_claim_order)
 
 
 async def get_inputs(conn: AsyncConnection, job_ids: Sequence[str]) -> dict[str, JobRow]:
@@ -439,9 +503,7 @@ async def finish_succeeded(
     events: Events | None = None,
 ) -> bool:
     """Store the result and the status change together, once; False if the fence failed."""
-    changed = await conn.execute(_SUCCEED, {**_held_by(job_id, worker, attempt), "at": now})
-    if changed.rowcount != 1:
-        return False
+    fence = {**_held_by(job_id, worker, attempt), "at": now}
     result_row = {
         "job_id": job_id,
         "attempt": attempt,
@@ -451,7 +513,17 @@ async def finish_succeeded(
         "rows": result.rows,
         "created_at": now,
     }
-    await conn.execute(_INSERT_RESULT, [result_row])
+    if conn.dialect.name == "postgresql":
+        stored = await conn.execute(
+            _SUCCEED_WITH_RESULT,
+            fence | {f"result_{k}": v for k, v in result_row.items() if k != "job_id"},
+        )
+        if stored.rowcount != 1:
+            return False
+    else:
+        if (await conn.execute(_SUCCEED, fence)).rowcount != 1:
+            return False
+        await conn.execute(_INSERT_RESULT, [result_row])
     await add_event(conn, job_id, JobStatus.SUCCEEDED, attempt, now, worker=worker, into=events)
     return True
 

@@ -401,9 +401,9 @@ class Dispatcher:
     ) -> list[tuple[repo.JobRow, repo.JobRow | None]]:
         now = self.db.now()
         lease_until = now + timedelta(seconds=self.settings.lease_seconds)
-        claimed = await repo.claim(conn, self.worker_id, now, lease_until, limit, events=events)
-        inputs = await repo.get_inputs(conn, [job.id for job in claimed]) if claimed else {}
-        return [(job, inputs.get(job.id)) for job in claimed]
+        return await repo.claim_with_inputs(
+            conn, self.worker_id, now, lease_until, limit, events=events
+        )
 
     async def _claim(self, limit: int) -> list[tuple[repo.JobRow, repo.JobRow | None]]:
         """Claim up to ``limit`` jobs, with their inputs, in one transaction."""
