@@ -1,15 +1,16 @@
-"""Uploaded inputs kept as files beside the database.
+"""Uploaded inputs and large results kept as files beside the database.
 
 A large blob in SQLite is slow both ways (a 28 MB one took 0.44 s to commit and 0.24 s to
 read back, against 0.03 s to write and fsync the same bytes as a file), so on SQLite an
 uploaded table is stored as an Arrow IPC file in a directory next to the database file, and
 its ``job_inputs`` row names the file. A worker maps the file instead of receiving the bytes.
+A large DataFrame result is written the same way by the worker, and ``job_results`` names it.
 
 The file is written and fsynced before the row commits; if the commit fails the file is
 removed. A crash between the two leaves a file that no row names: the hourly prune removes
 such files once they are older than ``ORPHAN_AGE_SECONDS``.
 
-On PostgreSQL the inputs stay in the database, which every machine can reach, unless
+On PostgreSQL inputs and results stay in the database, which every machine can reach, unless
 ``JOBSVC_FILES_DIR`` names a directory that all instances share.
 """
 
@@ -26,6 +27,9 @@ from sqlalchemy.engine import make_url
 from jobsvc.settings import Settings
 
 ORPHAN_AGE_SECONDS = 3600.0
+# A DataFrame result at least this large (in memory) is written as a file too; a smaller one
+# is cheaper as a row than as a file and its fsync.
+RESULT_FILE_MIN_BYTES = 1 << 20
 _SUFFIX = ".arrow"
 
 
@@ -45,6 +49,10 @@ class FileStore:
 
     def name_for(self, job_id: str) -> str:
         return job_id + _SUFFIX
+
+    def result_name_for(self, job_id: str, attempt: int) -> str:
+        # One name per attempt: a late, fenced-out attempt never overwrites the stored one.
+        return f"{job_id}.result-{attempt}{_SUFFIX}"
 
     def path(self, name: str) -> Path:
         # Rows hold bare names, so the database and its directory can move together.

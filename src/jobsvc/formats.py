@@ -24,7 +24,7 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from jobsvc.errors import InvalidData, TooLarge, UnsupportedMediaType
-from jobsvc.files import fsync_directory
+from jobsvc.files import RESULT_FILE_MIN_BYTES, fsync_directory
 from jobsvc.records import ResultData
 
 CSV = "text/csv"
@@ -274,8 +274,9 @@ def load_input(format: str, data: bytes | None, path: str | None = None) -> pd.D
     raise ValueError(f"unknown input format {format!r}")
 
 
-def encode_result(value: Any) -> ResultData:
-    """A task's return value as it is stored: Parquet, a JSON object, or nothing."""
+def encode_result(value: Any, file: str | None = None) -> ResultData:
+    """A task's return value as it is stored: Parquet, a JSON object, or nothing. With
+    ``file``, a large DataFrame is written there as an Arrow file instead of Parquet bytes."""
     if value is None:
         return ResultData("none")
     if isinstance(value, pd.Series):
@@ -283,6 +284,10 @@ def encode_result(value: Any) -> ResultData:
     if isinstance(value, pd.DataFrame):
         frame = value.reset_index() if _has_meaningful_index(value) else value
         frame.columns = [str(column) for column in frame.columns]
+        if file is not None and frame.memory_usage(deep=True).sum() >= RESULT_FILE_MIN_BYTES:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            write_arrow_file(table, Path(file))
+            return ResultData("dataframe", rows=len(frame), path=Path(file).name)
         return ResultData("dataframe", data=frame_to_parquet(frame), rows=len(frame))
     if isinstance(value, dict):
         try:
@@ -316,10 +321,23 @@ def _json_default(value: Any) -> Any:
 # --- rendering results (the API's converter pool) ------------------------------------------
 
 
-def parquet_to_json(data: bytes) -> bytes:
+def _stored_frame(source: bytes | str) -> pd.DataFrame:
+    """A stored DataFrame result: Parquet bytes, or the path of an Arrow file."""
+    if isinstance(source, str):
+        frame: pd.DataFrame = feather.read_table(source, memory_map=True).to_pandas()
+        return frame
+    return pd.read_parquet(io.BytesIO(source))
+
+
+def render_parquet(source: bytes | str) -> bytes:
+    if isinstance(source, bytes):
+        return source
+    return frame_to_parquet(_stored_frame(source))
+
+
+def render_json(source: bytes | str) -> bytes:
     """A stored DataFrame as a JSON list of records, the shape ``data`` has in a submit."""
-    frame = pd.read_parquet(io.BytesIO(data))
-    return frame.to_json(orient="records", date_format="iso").encode()
+    return _stored_frame(source).to_json(orient="records", date_format="iso").encode()
 
 
 def _neutralise(cell: Any) -> Any:
@@ -328,9 +346,9 @@ def _neutralise(cell: Any) -> Any:
     return cell
 
 
-def parquet_to_csv(data: bytes) -> bytes:
+def render_csv(source: bytes | str) -> bytes:
     """A stored DataFrame as CSV, with text cells that a spreadsheet would run defused."""
-    frame = pd.read_parquet(io.BytesIO(data))
+    frame = _stored_frame(source)
     frame.columns = [_neutralise(str(column)) for column in frame.columns]
     for column in frame.columns:
         if not pd.api.types.is_numeric_dtype(frame[column]):

@@ -178,9 +178,11 @@ class JobResult(Base):
     # One result a job: the primary key is what makes "stored once" hold.
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     attempt: Mapped[int] = mapped_column(Integer)
-    # 'dataframe' (Parquet in data), 'json' (a dict in value) or 'none'.
+    # 'dataframe' (Parquet in data, or an Arrow file named by path), 'json' (a dict in value)
+    # or 'none'.
     kind: Mapped[str] = mapped_column(String(16))
     data: Mapped[bytes | None] = mapped_column(LargeBinary)
+    path: Mapped[str | None] = mapped_column(String(255))
     value: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     rows: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime]

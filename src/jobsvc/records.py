@@ -48,6 +48,7 @@ class AttemptError:
 @dataclass(frozen=True)
 class ResultData:
     kind: str  # 'dataframe', 'json' or 'none'
-    data: bytes | None = None
+    data: bytes | None = None  # a DataFrame as Parquet, unless it was written to ``path``
     value: dict[str, Any] | None = None
     rows: int | None = None
+    path: str | None = None  # the name of an Arrow file in the files directory

@@ -378,14 +378,12 @@ _INSERT_RESULT = insert(job_results)
 # On PostgreSQL, the fenced status change and the result's insert are one statement: the
 # result is inserted only for the row the fence let through.
 _SUCCEEDED = _SUCCEED.returning(jobs.c.id).cte("succeeded")
+_RESULT_FIELDS = ("attempt", "kind", "data", "value", "rows", "path", "created_at")
 _SUCCEED_WITH_RESULT = insert(job_results).from_select(
-    ["job_id", "attempt", "kind", "data", "value", "rows", "created_at"],
+    ["job_id", *_RESULT_FIELDS],
     select(
         _SUCCEEDED.c.id,
-        *(
-            bindparam(f"result_{name}", type_=job_results.c[name].type)
-            for name in ("attempt", "kind", "data", "value", "rows", "created_at")
-        ),
+        *(bindparam(f"result_{name}", type_=job_results.c[name].type) for name in _RESULT_FIELDS),
     ),
 )
 
@@ -511,6 +509,7 @@ async def finish_succeeded(
         "data": result.data,
         "value": result.value,
         "rows": result.rows,
+        "path": result.path,
         "created_at": now,
     }
     if conn.dialect.name == "postgresql":
@@ -689,22 +688,28 @@ async def prune_finished(
     )
     if not ids:
         return 0, []
-    files = (
-        await conn.execute(
-            select(job_inputs.c.path).where(
-                job_inputs.c.job_id.in_(ids), job_inputs.c.path.is_not(None)
+    names = [
+        name
+        for table in (job_inputs, job_results)
+        for name in (
+            await conn.execute(
+                select(table.c.path).where(table.c.job_id.in_(ids), table.c.path.is_not(None))
             )
-        )
-    ).scalars()
-    names = [name for name in files if name]
+        ).scalars()
+    ]
     await conn.execute(delete(jobs).where(jobs.c.id.in_(ids)))
     return len(ids), names
 
 
 async def unreferenced_files(conn: AsyncConnection, names: Sequence[str]) -> list[str]:
-    """Those of ``names`` that no input row names."""
+    """Those of ``names`` that no input or result row names."""
     if not names:
         return []
-    query = select(job_inputs.c.path).where(job_inputs.c.path.in_(names))
-    referenced = set((await conn.execute(query)).scalars())
+    referenced = {
+        name
+        for table in (job_inputs, job_results)
+        for name in (await conn.execute(select(table.c.path).where(table.c.path.in_(names))))
+        .scalars()
+        .all()
+    }
     return [name for name in names if name not in referenced]

@@ -361,11 +361,20 @@ class JobService:
             if media_type != formats.JSON_MEDIA:
                 raise NotAcceptable("this job has no result data; only application/json")
             return b"null"
-        if media_type == formats.PARQUET:
-            data: bytes = stored.data
-            return data
-        render = formats.parquet_to_csv if media_type == formats.CSV else formats.parquet_to_json
-        rendered: bytes = await self._convert(render, stored.data)
+        source: bytes | str = stored.data
+        if stored.path:
+            if self.files is None:
+                raise NotFound(
+                    f"the result file {stored.path!r} is not where JOBSVC_FILES_DIR says"
+                )
+            source = str(self.files.path(stored.path))
+        if media_type == formats.PARQUET and isinstance(source, bytes):
+            return source  # stored as Parquet already
+        render = {
+            formats.CSV: formats.render_csv,
+            formats.PARQUET: formats.render_parquet,
+        }.get(media_type, formats.render_json)
+        rendered: bytes = await self._convert(render, source)
         return rendered
 
     # --- change ------------------------------------------------------------------------------

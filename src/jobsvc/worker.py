@@ -476,9 +476,14 @@ class Dispatcher:
             outcome = await self._execute(attempt, job, stored)
             heartbeat.cancel()
             if attempt.aborted:
+                self._discard(outcome)
                 return None
             keep_going = not self._stopping and attempt.process.alive
-            next_job = await self._record(job, outcome, claim_next=keep_going)
+            try:
+                next_job = await self._record(job, outcome, claim_next=keep_going)
+            except BaseException:
+                self._discard(outcome)
+                raise
             self._observe(job.task, time.monotonic() - started, outcome)
             return next_job
         except Exception:
@@ -488,6 +493,11 @@ class Dispatcher:
         finally:
             heartbeat.cancel()
             self._untrack(attempt)
+
+    def _discard(self, outcome: ResultData | AttemptError) -> None:
+        """Remove the file of a result that will not be stored."""
+        if isinstance(outcome, ResultData) and outcome.path and self.files is not None:
+            self.files.remove([outcome.path])
 
     def _observe(self, task: str, seconds: float, outcome: ResultData | AttemptError) -> None:
         if isinstance(outcome, ResultData):
@@ -506,6 +516,11 @@ class Dispatcher:
             input_format=stored.format if stored else "json",
             input_data=stored.data if stored else None,
             input_path=self._input_path(stored),
+            result_path=(
+                str(self.files.path(self.files.result_name_for(job.id, job.attempts)))
+                if self.files is not None
+                else None
+            ),
         )
 
         async def on_progress(value: float) -> None:
@@ -535,9 +550,11 @@ class Dispatcher:
         events: repo.Events = []  # both jobs' events in one statement: a round trip less
         async with self.db.write() as conn:
             if isinstance(outcome, ResultData):
-                await repo.finish_succeeded(
+                stored = await repo.finish_succeeded(
                     conn, job.id, self.worker_id, job.attempts, outcome, now, events=events
                 )
+                if not stored:  # fenced out: cancelled or taken over meanwhile
+                    self._discard(outcome)
             else:
                 if outcome.retryable and job.attempts < job.max_attempts:
                     delay = retry_delay(

@@ -46,6 +46,7 @@ class RunRequest:
     input_format: str
     input_data: bytes | None
     input_path: str | None = None  # a file in the files directory, mapped instead of sent
+    result_path: str | None = None  # where a large DataFrame result goes, when files are kept
 
 
 def send_message(sock: socket.socket, message: object) -> None:
@@ -89,12 +90,12 @@ def run(request: RunRequest) -> ResultData:
     if request.input_format == "call":  # a function queued by add_task, by its import path
         args, kwargs = formats.decode_call(request.input_data or b"")
         function = resolve_function(request.task)
-        return formats.encode_result(function(*args, **kwargs))
+        return formats.encode_result(function(*args, **kwargs), request.result_path)
     task = registry.get(request.task)
     if task is None:
         raise LookupError(f"no task named {request.task!r} is registered in the worker")
     frame = formats.load_input(request.input_format, request.input_data, request.input_path)
-    return formats.encode_result(task.call(frame, request.params))
+    return formats.encode_result(task.call(frame, request.params), request.result_path)
 
 
 def _cap_memory(megabytes: int | None) -> None:

@@ -1,7 +1,9 @@
-"""Uploaded tables kept as files beside the database (SQLite), or in it (PostgreSQL)."""
+"""Uploaded tables and large results kept as files beside the database (SQLite), or in it
+(PostgreSQL)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -10,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pandas as pd
 import pytest
 from sqlalchemy import select, update
 
 from jobsvc import retention
 from jobsvc.db import Database
 from jobsvc.files import ORPHAN_AGE_SECONDS, FileStore
-from jobsvc.models import job_inputs, jobs
+from jobsvc.models import job_inputs, job_results, jobs
 from jobsvc.settings import Settings
 from tests.conftest import wait_for_status
 
@@ -134,3 +137,69 @@ def test_files_dir_defaults_beside_a_sqlite_file(tmp_path: Path) -> None:
     shared_store = FileStore.for_settings(shared)
     assert shared_store is not None
     assert shared_store.root == tmp_path / "s"
+
+
+async def result_row(settings: Settings, job_id: str) -> Any:
+    db = Database(settings)
+    try:
+        async with db.read() as conn:
+            query = select(job_results).where(job_results.c.job_id == job_id)
+            return (await conn.execute(query)).one()
+    finally:
+        await db.dispose()
+
+
+async def test_a_large_result_is_a_file_on_sqlite_and_a_row_on_postgres(
+    client: httpx.AsyncClient, settings: Settings, backend: str
+) -> None:
+    # 60,000 rows x 3 numbers: about 1.4 MB in memory, over the 1 MiB a result file needs.
+    frame = pd.DataFrame({"a": range(60_000), "b": [i * 0.5 for i in range(60_000)]})
+    frame["c"] = frame["a"] % 7
+    steps = [{"op": "filter", "column": "c", "cmp": ">=", "value": 0}]
+    response = await client.post(
+        "/jobs",
+        params={"task": "pipeline", "params": json.dumps({"steps": steps})},
+        content=frame.to_csv(index=False).encode(),
+        headers={"Content-Type": "text/csv"},
+    )
+    job_id = response.json()["id"]
+    assert (await wait_for_status(client, job_id))["status"] == "succeeded"
+    row = await result_row(settings, job_id)
+    assert row.rows == 60_000
+    if backend == "sqlite":
+        assert (row.data, row.path) == (None, f"{job_id}.result-1.arrow")
+        assert row.path in stored_files(settings)
+    else:
+        assert row.path is None
+        assert row.data
+    as_csv = await client.get(f"/jobs/{job_id}/result", headers={"Accept": "text/csv"})
+    as_json = await client.get(f"/jobs/{job_id}/result", headers={"Accept": "application/json"})
+    as_parquet = await client.get(
+        f"/jobs/{job_id}/result", headers={"Accept": "application/vnd.apache.parquet"}
+    )
+    for got in (
+        pd.read_csv(io.BytesIO(as_csv.content)),
+        pd.DataFrame(as_json.json()),
+        pd.read_parquet(io.BytesIO(as_parquet.content)),
+    ):
+        pd.testing.assert_frame_equal(got, frame, check_dtype=False)
+    if backend == "sqlite":  # retention takes the result's file with the job
+        db = Database(settings)
+        try:
+            async with db.write() as conn:
+                old = db.now() - timedelta(days=9)
+                await conn.execute(update(jobs).where(jobs.c.id == job_id).values(finished_at=old))
+            assert await retention.prune(db, timedelta(days=7), FileStore.for_settings(settings))
+        finally:
+            await db.dispose()
+        assert stored_files(settings) == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_small_results_stay_rows(client: httpx.AsyncClient, settings: Settings) -> None:
+    job_id = (await upload(client)).json()["id"]
+    assert (await wait_for_status(client, job_id))["status"] == "succeeded"
+    row = await result_row(settings, job_id)
+    assert row.path is None
+    assert row.data
+    assert stored_files(settings) == [f"{job_id}.arrow"]  # the input only
