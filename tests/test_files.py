@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pandas as pd
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import Table, select, update
 
 from jobsvc import retention
 from jobsvc.db import Database
@@ -38,12 +38,12 @@ async def upload(
     )
 
 
-async def input_row(settings: Settings, job_id: str) -> Any:
+async def stored_row(settings: Settings, table: Table, job_id: str) -> Any:
+    """The job's row in ``job_inputs`` or ``job_results``."""
     db = Database(settings)
     try:
         async with db.read() as conn:
-            query = select(job_inputs).where(job_inputs.c.job_id == job_id)
-            return (await conn.execute(query)).one()
+            return (await conn.execute(select(table).where(table.c.job_id == job_id))).one()
     finally:
         await db.dispose()
 
@@ -61,7 +61,7 @@ async def test_an_upload_is_a_file_on_sqlite_and_a_row_on_postgres(
     response = await upload(client)
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
-    row = await input_row(settings, job_id)
+    row = await stored_row(settings, job_inputs, job_id)
     assert (row.rows, row.columns) == (3, 2)
     if backend == "sqlite":
         store = FileStore.for_settings(settings)
@@ -139,16 +139,6 @@ def test_files_dir_defaults_beside_a_sqlite_file(tmp_path: Path) -> None:
     assert shared_store.root == tmp_path / "s"
 
 
-async def result_row(settings: Settings, job_id: str) -> Any:
-    db = Database(settings)
-    try:
-        async with db.read() as conn:
-            query = select(job_results).where(job_results.c.job_id == job_id)
-            return (await conn.execute(query)).one()
-    finally:
-        await db.dispose()
-
-
 async def test_a_large_result_is_a_file_on_sqlite_and_a_row_on_postgres(
     client: httpx.AsyncClient, settings: Settings, backend: str
 ) -> None:
@@ -164,7 +154,7 @@ async def test_a_large_result_is_a_file_on_sqlite_and_a_row_on_postgres(
     )
     job_id = response.json()["id"]
     assert (await wait_for_status(client, job_id))["status"] == "succeeded"
-    row = await result_row(settings, job_id)
+    row = await stored_row(settings, job_results, job_id)
     assert row.rows == 60_000
     if backend == "sqlite":
         assert (row.data, row.path) == (None, f"{job_id}.result-1.arrow")
@@ -199,7 +189,7 @@ async def test_a_large_result_is_a_file_on_sqlite_and_a_row_on_postgres(
 async def test_small_results_stay_rows(client: httpx.AsyncClient, settings: Settings) -> None:
     job_id = (await upload(client)).json()["id"]
     assert (await wait_for_status(client, job_id))["status"] == "succeeded"
-    row = await result_row(settings, job_id)
+    row = await stored_row(settings, job_results, job_id)
     assert row.path is None
     assert row.data
     assert stored_files(settings) == [f"{job_id}.arrow"]  # the input only
