@@ -282,6 +282,32 @@ async def test_idempotency_key_on_a_file_upload(client: httpx.AsyncClient) -> No
 # --- bad input: a clear 4xx, nothing stored ---------------------------------------------------
 
 
+async def test_an_idempotency_key_too_long(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/jobs", json={"task": "double", "data": RECORDS}, headers={"Idempotency-Key": "k" * 201}
+    )
+    await assert_refused(client, response, 422, "Idempotency-Key")
+
+
+async def test_upload_options_from_the_query_are_checked(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/jobs?task=double&priority=soon", content=CSV_BODY, headers={"Content-Type": "text/csv"}
+    )
+    await assert_refused(client, response, 422, "priority")
+    good = await client.post(
+        "/jobs?task=double&priority=-3&max_attempts=2&run_at=2030-01-01T00:00:00Z",
+        content=CSV_BODY,
+        headers={"Content-Type": "text/csv"},
+    )
+    assert good.status_code == 202, good.text
+    job = good.json()
+    assert (job["priority"], job["max_attempts"], job["run_at"]) == (
+        -3,
+        2,
+        "2030-01-01T00:00:00Z",
+    )
+
+
 async def test_unknown_task(client: httpx.AsyncClient) -> None:
     response = await client.post("/jobs", json={"task": "no_such_task", "data": RECORDS})
     await assert_refused(client, response, 422, "no_such_task")
