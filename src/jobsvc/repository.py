@@ -354,11 +354,7 @@ _CLAIM = (
     .returning(*jobs.c)
 )
 _INPUTS = select(job_inputs).where(job_inputs.c.job_id.in_(bindparam("ids", expanding=True)))
-_RENEW = (
-    update(jobs)
-    .where(_FENCE)
-    .values(lease_expires_at=bindparam("lease_until", type_=UTCDateTime()))
-)
+_RENEW = update(jobs).where(_FENCE).values(lease_expires_at=_LEASE_UNTIL)
 _SAVE_PROGRESS = (
     update(jobs).where(_FENCE).values(progress=bindparam("new_progress"), updated_at=_AT)
 )
