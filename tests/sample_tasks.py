@@ -46,6 +46,16 @@ def wait_for_file(df: pd.DataFrame, path: str, limit: float = 60.0) -> dict[str,
     return {"rows": len(df)}
 
 
+@task(name="big_after_file")
+def big_after_file(df: pd.DataFrame, path: str, rows: int = 100_000) -> pd.DataFrame:
+    """Waits (silently: no progress report) until ``path`` exists, then returns a DataFrame
+    large enough to be stored as a result file."""
+    deadline = time.monotonic() + 60
+    while not Path(path).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return pd.DataFrame({"n": range(rows), "half": [i / 2 for i in range(rows)]})
+
+
 @task(name="die", retry_delay=0.01)
 def die(df: pd.DataFrame) -> None:
     """Kills its own worker process, as a segfault or the OOM killer would."""

@@ -21,7 +21,7 @@ from jobsvc.db import Database
 from jobsvc.files import ORPHAN_AGE_SECONDS, FileStore
 from jobsvc.models import job_inputs, job_results, jobs
 from jobsvc.settings import Settings
-from tests.conftest import wait_for_status
+from tests.conftest import submit, wait_for_status
 
 CSV_BODY = b"city,temp\nOslo,3.5\nLima,19.0\nOslo,4.5\n"
 STEPS = [{"op": "group_by", "by": ["city"], "aggregations": {"temp": ["mean"]}}]
@@ -193,3 +193,38 @@ async def test_small_results_stay_rows(client: httpx.AsyncClient, settings: Sett
     assert row.path is None
     assert row.data
     assert stored_files(settings) == [f"{job_id}.arrow"]  # the input only
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_a_result_file_of_a_fenced_out_attempt_is_removed(
+    client: httpx.AsyncClient, settings: Settings, tmp_path: Path
+) -> None:
+    release = tmp_path / "release"
+    job = await submit(client, "big_after_file", params={"path": str(release)}, data=[{"a": 1}])
+    await wait_for_status(client, job["id"], {"running"})
+    db = Database(settings)
+    try:  # another instance takes the job over while this attempt still runs
+        async with db.write() as conn:
+            await conn.execute(
+                update(jobs).where(jobs.c.id == job["id"]).values(lease_owner="other:1:x")
+            )
+    finally:
+        await db.dispose()
+    release.touch()
+    # One worker: a job submitted now runs only after the big one's outcome was handled.
+    after = await submit(client, "double", data=[{"a": 1}])
+    assert (await wait_for_status(client, after["id"]))["status"] == "succeeded"
+    assert stored_files(settings) == []  # no input files for JSON records, and no result file
+    assert (await client.get(f"/jobs/{job['id']}")).json()["status"] == "running"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_a_job_without_an_upload_stores_a_large_result_as_a_file(
+    client: httpx.AsyncClient, settings: Settings, tmp_path: Path
+) -> None:
+    (tmp_path / "go").touch()
+    job = await submit(client, "big_after_file", params={"path": str(tmp_path / "go")}, data=[])
+    assert (await wait_for_status(client, job["id"]))["status"] == "succeeded"
+    row = await stored_row(settings, job_results, job["id"])
+    assert row.path == f"{job['id']}.result-1.arrow"
+    assert stored_files(settings) == [row.path]

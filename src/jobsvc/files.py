@@ -59,7 +59,9 @@ class FileStore:
         return self.root / Path(name).name
 
     def prepare(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.root.is_dir():
+            self.root.mkdir(parents=True, exist_ok=True)
+            fsync_directory(self.root.parent)  # the new directory's entry, durably
 
     def remove(self, names: Iterable[str]) -> None:
         for name in names:

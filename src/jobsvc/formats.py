@@ -187,6 +187,8 @@ def write_arrow_file(table: pa.Table, target: Path) -> int:
     """Write ``table`` as an uncompressed Arrow IPC file (a reader maps it, no decoding),
     fsynced with its directory entry before this returns; its size in bytes."""
     try:
+        if not target.parent.is_dir():  # not made at start (a read-only disk then, say)
+            target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("wb") as out:
             feather.write_feather(table, out, compression="uncompressed")
             out.flush()

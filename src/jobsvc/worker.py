@@ -281,6 +281,11 @@ class Dispatcher:
 
     async def start(self) -> None:
         _LIVE_WORKER_IDS.add(self.worker_id)
+        if self.files is not None:
+            try:
+                self.files.prepare()  # workers write large results there, whatever the input
+            except OSError as error:  # a read-only disk, say: serve anyway, as for the database
+                log.error("cannot make the files directory %s: %s", self.files.root, error)
         if not self.db.is_sqlite:
             await self.db.sync_clock()
             self._listener = JobListener(self.settings.database_url, self.notify)
