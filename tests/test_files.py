@@ -21,7 +21,7 @@ from jobsvc.db import Database
 from jobsvc.files import ORPHAN_AGE_SECONDS, FileStore
 from jobsvc.models import job_inputs, job_results, jobs
 from jobsvc.settings import Settings
-from tests.conftest import submit, wait_for_status
+from tests.conftest import make_settings, submit, wait_for_status
 
 CSV_BODY = b"city,temp\nOslo,3.5\nLima,19.0\nOslo,4.5\n"
 STEPS = [{"op": "group_by", "by": ["city"], "aggregations": {"temp": ["mean"]}}]
@@ -228,3 +228,33 @@ async def test_a_job_without_an_upload_stores_a_large_result_as_a_file(
     row = await stored_row(settings, job_results, job["id"])
     assert row.path == f"{job['id']}.result-1.arrow"
     assert stored_files(settings) == [row.path]
+
+
+class TestASharedFilesDirectory:
+    """``JOBSVC_FILES_DIR`` set: PostgreSQL instances keep inputs and results there too."""
+
+    @pytest.fixture
+    def settings(self, database_url: str, tmp_path: Path) -> Settings:
+        return make_settings(database_url, files_dir=str(tmp_path / "shared"))
+
+    async def test_inputs_and_large_results_are_files_on_either_backend(
+        self, client: httpx.AsyncClient, settings: Settings, tmp_path: Path
+    ) -> None:
+        frame = pd.DataFrame({"a": range(100_000), "b": [i * 0.25 for i in range(100_000)]})
+        steps = [{"op": "sort", "by": ["a"], "descending": True}]
+        response = await client.post(
+            "/jobs",
+            params={"task": "pipeline", "params": json.dumps({"steps": steps})},
+            content=frame.to_csv(index=False).encode(),
+            headers={"Content-Type": "text/csv"},
+        )
+        job_id = response.json()["id"]
+        assert (await wait_for_status(client, job_id))["status"] == "succeeded"
+        stored_input = await stored_row(settings, job_inputs, job_id)
+        result = await stored_row(settings, job_results, job_id)
+        assert (stored_input.path, stored_input.data) == (f"{job_id}.arrow", None)
+        assert (result.path, result.data) == (f"{job_id}.result-1.arrow", None)
+        assert sorted(os.listdir(tmp_path / "shared")) == [stored_input.path, result.path]
+        got = await client.get(f"/jobs/{job_id}/result", headers={"Accept": "text/csv"})
+        expected = frame.sort_values("a", ascending=False).reset_index(drop=True)
+        pd.testing.assert_frame_equal(pd.read_csv(io.BytesIO(got.content)), expected)
