@@ -6,9 +6,11 @@ uploaded table is stored as an Arrow IPC file in a directory next to the databas
 its ``job_inputs`` row names the file. A worker maps the file instead of receiving the bytes.
 A large DataFrame result is written the same way by the worker, and ``job_results`` names it.
 
-The file is written and fsynced before the row commits; if the commit fails the file is
-removed. A crash between the two leaves a file that no row names: the hourly prune removes
-such files once they are older than ``ORPHAN_AGE_SECONDS``.
+The file is written and fsynced before the row commits. A crash between the two, or a
+commit that fails (whose outcome is not always known: a connection lost during COMMIT),
+leaves a file that perhaps no row names: the hourly prune removes such files once they are
+older than ``ORPHAN_AGE_SECONDS``. A file known to be no one's (an upload whose
+Idempotency-Key replayed an earlier job, a fenced-out attempt's result) is removed at once.
 
 On PostgreSQL inputs and results stay in the database, which every machine can reach, unless
 ``JOBSVC_FILES_DIR`` names a directory that all instances share.

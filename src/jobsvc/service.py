@@ -189,13 +189,11 @@ class JobService:
             path=stored,
             size_bytes=parsed.size_bytes,
         )
-        submitted = None
-        try:
-            submitted = await self._insert(job, data)
-        finally:
-            if files is not None and stored and (submitted is None or not submitted.created):
-                # Not stored, or an earlier submit's job is the answer: the file is no one's.
-                files.remove([stored])
+        # If the insert fails the file stays: a failed commit may still have committed (a
+        # connection lost during COMMIT), and a file no row names is pruned after an hour.
+        submitted = await self._insert(job, data)
+        if files is not None and stored and not submitted.created:
+            files.remove([stored])  # an earlier submit's job is the answer: no one's file
         return submitted
 
     def prepare_call(

@@ -484,11 +484,9 @@ class Dispatcher:
                 self._discard(outcome)
                 return None
             keep_going = not self._stopping and attempt.process.alive
-            try:
-                next_job = await self._record(job, outcome, claim_next=keep_going)
-            except BaseException:
-                self._discard(outcome)
-                raise
+            # Should recording fail, a result file stays: the commit may have happened all
+            # the same (a connection lost during COMMIT); the prune removes it if no row does.
+            next_job = await self._record(job, outcome, claim_next=keep_going)
             self._observe(job.task, time.monotonic() - started, outcome)
             return next_job
         except Exception:
