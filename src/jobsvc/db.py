@@ -89,11 +89,7 @@ class Database:
         # At synchronous=FULL a commit waits for the disk (an fsync). The driver lets go of
         # the GIL while it waits, so the commit goes to a thread and the loop serves requests
         # and worker messages meanwhile; the write lock stays held, so nothing else writes.
-        self._commit_thread = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobsvc-commit")
-            if settings.sqlite_synchronous == "FULL"
-            else None
-        )
+        self._commit_thread = _commit_thread() if settings.sqlite_synchronous == "FULL" else None
         # Waiting for another process's write lock must not block the loop, so the driver
         # never waits (busy_timeout=0): write() retries, asleep, until the busy timeout.
         self.inline_writer = create_engine(sync_url, pool_size=1, max_overflow=1)
@@ -205,6 +201,11 @@ class Database:
                 engine.dispose()
         if self._commit_thread is not None:
             self._commit_thread.shutdown(wait=True)
+            self._commit_thread = _commit_thread()  # disposed is not closed: usable again
+
+
+def _commit_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobsvc-commit")
 
 
 async def _finish_in(thread: ThreadPoolExecutor, func: Any, *args: Any) -> Any:
