@@ -56,6 +56,11 @@ def big_after_file(df: pd.DataFrame, path: str, rows: int = 100_000) -> pd.DataF
     return pd.DataFrame({"n": range(rows), "half": [i / 2 for i in range(rows)]})
 
 
+@task(name="niceness")
+def niceness(df: pd.DataFrame) -> dict[str, Any]:
+    return {"nice": os.nice(0)}
+
+
 @task(name="die", retry_delay=0.01)
 def die(df: pd.DataFrame) -> None:
     """Kills its own worker process, as a segfault or the OOM killer would."""

@@ -28,11 +28,15 @@ STEPS = [{"op": "group_by", "by": ["city"], "aggregations": {"temp": ["mean"]}}]
 
 
 async def upload(
-    client: httpx.AsyncClient, body: bytes = CSV_BODY, **headers: str
+    client: httpx.AsyncClient,
+    body: bytes = CSV_BODY,
+    steps: list[dict[str, Any]] = STEPS,
+    **headers: str,
 ) -> httpx.Response:
+    """A CSV body submitted to the ``pipeline`` task."""
     return await client.post(
         "/jobs",
-        params={"task": "pipeline", "params": json.dumps({"steps": STEPS})},
+        params={"task": "pipeline", "params": json.dumps({"steps": steps})},
         content=body,
         headers={"Content-Type": "text/csv", **headers},
     )
@@ -146,13 +150,7 @@ async def test_a_large_result_is_a_file_on_sqlite_and_a_row_on_postgres(
     frame = pd.DataFrame({"a": range(60_000), "b": [i * 0.5 for i in range(60_000)]})
     frame["c"] = frame["a"] % 7
     steps = [{"op": "filter", "column": "c", "cmp": ">=", "value": 0}]
-    response = await client.post(
-        "/jobs",
-        params={"task": "pipeline", "params": json.dumps({"steps": steps})},
-        content=frame.to_csv(index=False).encode(),
-        headers={"Content-Type": "text/csv"},
-    )
-    job_id = response.json()["id"]
+    job_id = (await upload(client, frame.to_csv(index=False).encode(), steps)).json()["id"]
     assert (await wait_for_status(client, job_id))["status"] == "succeeded"
     row = await stored_row(settings, job_results, job_id)
     assert row.rows == 60_000
@@ -242,13 +240,7 @@ class TestASharedFilesDirectory:
     ) -> None:
         frame = pd.DataFrame({"a": range(100_000), "b": [i * 0.25 for i in range(100_000)]})
         steps = [{"op": "sort", "by": ["a"], "descending": True}]
-        response = await client.post(
-            "/jobs",
-            params={"task": "pipeline", "params": json.dumps({"steps": steps})},
-            content=frame.to_csv(index=False).encode(),
-            headers={"Content-Type": "text/csv"},
-        )
-        job_id = response.json()["id"]
+        job_id = (await upload(client, frame.to_csv(index=False).encode(), steps)).json()["id"]
         assert (await wait_for_status(client, job_id))["status"] == "succeeded"
         stored_input = await stored_row(settings, job_inputs, job_id)
         result = await stored_row(settings, job_results, job_id)

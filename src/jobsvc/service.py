@@ -7,6 +7,7 @@ upload, rendering a result) goes to the converter pool, a process pool, never th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -165,13 +166,14 @@ class JobService:
     async def submit_file(
         self, spec: JobSpec, path: str, media_type: str, owner: str = ""
     ) -> Submitted:
-        # Check the task and params first: a bad submit costs no parsing.
-        self._new_job(spec, owner, "")
-        job_id = repo.new_job_id()
+        # The task and params are checked first: a bad submit costs no parsing.
+        job = self._new_job(spec, owner, "", repo.new_job_id())
+        assert job.id is not None
         files = self.files
-        stored = files.name_for(job_id) if files is not None else None
+        stored = None  # the input's file name, when inputs are kept as files
         if files is not None:
             files.prepare()
+            stored = files.name_for(job.id)
         parsed: formats.ParsedUpload = await self._convert(
             formats.parse_upload,
             path,
@@ -180,7 +182,8 @@ class JobService:
             store_at=str(files.path(stored)) if files is not None and stored else None,
             digest=spec.idempotency_key is not None,
         )
-        job = self._new_job(spec, owner, parsed.sha256, job_id)
+        if spec.idempotency_key is not None:  # the key is bound to the data too
+            job = dataclasses.replace(job, request_hash=request_hash(spec, parsed.sha256))
         data = InputData(
             parsed.format,
             parsed.data,

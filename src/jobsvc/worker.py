@@ -105,7 +105,13 @@ class ConverterPool:
         self._pool = self._new()
 
     def _new(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=self.size, mp_context=process_context())
+        # Parsing a large upload is as CPU-heavy as a task: it yields to the API like one.
+        return ProcessPoolExecutor(
+            max_workers=self.size,
+            mp_context=process_context(),
+            initializer=os.nice,
+            initargs=(WORKER_NICENESS,),
+        )
 
     async def run(self, func: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
