@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import io
+import multiprocessing
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -72,3 +75,21 @@ async def test_a_process_that_dies_mid_job_is_worker_lost(worker: WorkerProcess)
 
 async def _ignore(value: float) -> None:
     pass
+
+
+async def test_a_start_cancelled_midway_leaves_no_socket_or_process(tmp_path: Path) -> None:
+    settings = make_settings(f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}")
+    with ThreadPoolExecutor(max_workers=1) as threads:
+        starting = asyncio.create_task(WorkerProcess.start(process_context(), settings, threads))
+        await asyncio.sleep(0)  # the start is under way in the thread
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+    # The start has finished now (the pool is shut); its process and socket are no one's.
+    for _ in range(3):
+        await asyncio.sleep(0)  # the done callback runs on the loop
+    gc.collect()  # an unclosed socket would warn here, and warnings are errors
+    children = multiprocessing.active_children()
+    for child in children:
+        child.join(timeout=5)  # killed: gone at once
+    assert not [child for child in children if child.is_alive()]

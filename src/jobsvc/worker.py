@@ -143,8 +143,18 @@ class WorkerProcess:
     ) -> WorkerProcess:
         loop = asyncio.get_running_loop()
         # Starting waits on the fork server, so in a thread; the streams belong to the loop.
-        process, sock = await loop.run_in_executor(threads, _start_process, context, settings)
-        reader, writer = await asyncio.open_connection(sock=sock)
+        starting = loop.run_in_executor(threads, _start_process, context, settings)
+        try:
+            process, sock = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # Stopped meanwhile (the service is shutting down): what starts is no one's.
+            starting.add_done_callback(_discard_started)
+            raise
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock)
+        except BaseException:
+            _discard(process, sock)
+            raise
         return cls(process, reader, writer)
 
     @property
@@ -224,6 +234,17 @@ class WorkerProcess:
         finally:
             loop.remove_reader(self.process.sentinel)
         self.process.join(0)  # collects the exit status, if it is there
+
+
+def _discard(process: BaseProcess, sock: socket.socket) -> None:
+    sock.close()
+    with contextlib.suppress(ProcessLookupError, ValueError):
+        process.kill()
+
+
+def _discard_started(started: asyncio.Future[tuple[BaseProcess, socket.socket]]) -> None:
+    if not started.cancelled() and started.exception() is None:
+        _discard(*started.result())
 
 
 def _start_process(context: BaseContext, settings: Settings) -> tuple[BaseProcess, socket.socket]:
