@@ -6,6 +6,7 @@ import asyncio
 import gc
 import io
 import multiprocessing
+import signal
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -79,17 +80,19 @@ async def _ignore(value: float) -> None:
 
 async def test_a_start_cancelled_midway_leaves_no_socket_or_process(tmp_path: Path) -> None:
     settings = make_settings(f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}")
+    earlier = set(multiprocessing.active_children())  # other tests' processes are not this one's
     with ThreadPoolExecutor(max_workers=1) as threads:
         starting = asyncio.create_task(WorkerProcess.start(process_context(), settings, threads))
         await asyncio.sleep(0)  # the start is under way in the thread
         starting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await starting
-    # The start has finished now (the pool is shut); its process and socket are no one's.
-    for _ in range(3):
-        await asyncio.sleep(0)  # the done callback runs on the loop
+    # The start has finished now (the pool is shut): its process is no one's and is killed by a
+    # callback on the loop, so the loop must run while we wait for that.
+    started = [child for child in multiprocessing.active_children() if child not in earlier]
+    assert len(started) == 1
+    async with asyncio.timeout(10):
+        while started[0].is_alive():
+            await asyncio.sleep(0.01)
+    assert started[0].exitcode == -signal.SIGKILL
     gc.collect()  # an unclosed socket would warn here, and warnings are errors
-    children = multiprocessing.active_children()
-    for child in children:
-        child.join(timeout=5)  # killed: gone at once
-    assert not [child for child in children if child.is_alive()]
