@@ -1,4 +1,5 @@
-"""The huey peer: SqliteHuey at synchronous=FULL, the same pandas work as jobsvc's summarize.
+"""The huey peer: SqliteHuey at synchronous=FULL, doing the same pandas work as jobsvc's
+``summarize`` task (the same function, on a DataFrame of the same records).
 
 The database file comes from ``BENCH_HUEY_DB``; the consumer runs as
 ``python -m huey.bin.huey_consumer bench.huey_peer.huey -w 2 -k process``.
@@ -12,10 +13,11 @@ from typing import Any
 import pandas as pd
 from huey import SqliteHuey
 
+from jobsvc.tasks.summarize import summarize_frame
+
 huey = SqliteHuey(filename=os.environ.get("BENCH_HUEY_DB", "huey.db"), fsync=True)
 
 
 @huey.task()
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-    summary: dict[str, Any] = pd.DataFrame(records).describe().to_dict()
-    return summary
+    return summarize_frame(pd.DataFrame(records))

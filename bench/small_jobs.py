@@ -118,7 +118,7 @@ def run() -> list[Row]:
         f"{submit_rate:,.0f}/s, "
         f"`JOBSVC_WORKERS={WORKERS}`; huey: SqliteHuey (`fsync=True`, i.e. synchronous=FULL, "
         f"like jobsvc), `-k process -w {WORKERS}`, polling from 10 ms backing off to 50 ms, "
-        f"`DataFrame(records).describe()`, enqueued in-process (no HTTP) at "
+        f"jobsvc's `summarize_frame(DataFrame(records))`, enqueued in-process (no HTTP) at "
         f"{enqueue_rate:,.0f}/s. Both: time from the first submit until the store counts N "
         f"finished jobs (polled every {POLL * 1000:.0f} ms), after a 50-job warm-up.",
     ]
