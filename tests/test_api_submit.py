@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from asgi_lifespan import LifespanManager
 
+from jobsvc.api import json_body
 from jobsvc.app import create_app
 from tests.conftest import make_settings, submit, wait_for_status
 
@@ -632,3 +633,82 @@ async def test_too_many_columns_in_a_file(narrow_client: httpx.AsyncClient, kind
         "/jobs?task=double", content=content, headers={"Content-Type": content_type}
     )
     await assert_refused(narrow_client, response, 413, "columns", str(SMALL_COLUMNS))
+
+
+# --- a large JSON body is read in a converter process, with the same outcome --------------------
+
+BIG_RECORDS = [{"a": i, "b": i + 0.5} for i in range(4000)]
+JSON = "application/json"
+
+
+def big(body: dict[str, Any]) -> bytes:
+    """``body`` as JSON past the size that is parsed on the event loop."""
+    encoded = json.dumps(body).encode()
+    assert len(encoded) > json_body.INLINE_BYTES
+    return encoded
+
+
+async def test_a_large_json_body_gives_the_same_job(client: httpx.AsyncClient) -> None:
+    body = big({"task": "double", "params": {"factor": 3}, "priority": 4, "data": BIG_RECORDS})
+    response = await client.post("/jobs", content=body, headers={"Content-Type": JSON})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert (job["params"], job["priority"]) == ({"factor": 3}, 4)
+    tripled = [{"a": 3 * r["a"], "b": 3 * r["b"]} for r in BIG_RECORDS]
+    assert await result_records(client, job["id"]) == tripled
+
+
+async def test_a_json_body_of_unknown_length_is_read_too(client: httpx.AsyncClient) -> None:
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: sent chunked
+        yield b'{"task": "double", '
+        yield b'"data": ' + json.dumps(RECORDS).encode() + b"}"
+
+    response = await client.post("/jobs", content=chunks(), headers={"Content-Type": JSON})
+    assert response.status_code == 202, response.text
+    assert await result_records(client, response.json()["id"]) == DOUBLED
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"status": "succeeded"}, {"priority": "high"}, {"task": ""}, {"params": [1]}],
+)
+async def test_a_large_body_of_the_wrong_shape_is_refused_as_a_small_one(
+    client: httpx.AsyncClient, extra: dict[str, Any]
+) -> None:
+    small = await client.post("/jobs", json={"task": "double", "data": RECORDS, **extra})
+    large_body = big({"task": "double", "data": BIG_RECORDS, **extra})
+    large = await client.post("/jobs", content=large_body, headers={"Content-Type": JSON})
+    assert small.status_code == 422, small.text
+    assert (large.status_code, large.json()) == (small.status_code, small.json())
+    await assert_refused(client, large, 422, next(iter(extra)))
+
+
+async def test_a_large_body_that_is_not_json_is_a_400(client: httpx.AsyncClient) -> None:
+    truncated = big({"task": "double", "data": BIG_RECORDS})[:-5]
+    response = await client.post("/jobs", content=truncated, headers={"Content-Type": JSON})
+    await assert_refused(client, response, 400, "not valid json")
+
+
+async def test_a_large_body_over_the_cell_limit_is_a_413(database_url: str) -> None:
+    records = [*BIG_RECORDS, {"a": 0, "b": 0.0, "s": "x" * 40}]
+    body = big({"task": "double", "data": records})
+    async with serve(database_url, max_cell_chars=20) as http:
+        response = await http.post("/jobs", content=body, headers={"Content-Type": JSON})
+        await assert_refused(http, response, 413, "'s'", "40 characters")
+
+
+async def test_an_idempotency_key_replays_a_large_body(client: httpx.AsyncClient) -> None:
+    body = big({"task": "double", "data": BIG_RECORDS})
+    headers = {"Content-Type": JSON, "Idempotency-Key": "big-1"}
+    first = await client.post("/jobs", content=body, headers=headers)
+    second = await client.post("/jobs", content=body, headers=headers)
+    assert (first.status_code, second.status_code) == (202, 200), second.text
+    assert second.json()["id"] == first.json()["id"]
+    # Other records under the key conflict, whichever way each body was read.
+    records = await client.post(
+        "/jobs",
+        json={"task": "double", "data": BIG_RECORDS[:2]},
+        headers={"Idempotency-Key": "big-1"},
+    )
+    assert records.status_code == 409, records.text
+    assert await job_ids(client) == [first.json()["id"]]

@@ -94,6 +94,21 @@ def _check_cells(frame: pd.DataFrame, limits: Limits) -> None:
             )
 
 
+@dataclass(frozen=True)
+class EncodedRecords:
+    """Submitted records, checked, as the compact JSON a job's input keeps."""
+
+    payload: bytes
+    rows: int
+    columns: int
+
+
+def encode_records(records: list[dict[str, Any]], limits: Limits) -> EncodedRecords:
+    columns = check_records(records, limits)
+    payload = json.dumps(records, separators=(",", ":"), default=str).encode()
+    return EncodedRecords(payload, len(records), columns)
+
+
 def check_records(records: list[dict[str, Any]], limits: Limits) -> int:
     """Check submitted records against the limits; their number of columns."""
     columns = max((len(record) for record in records), default=0)

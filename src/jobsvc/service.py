@@ -116,7 +116,8 @@ class JobService:
             max_cell_chars=settings.max_cell_chars,
         )
 
-    async def _convert(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+    async def convert(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        """``func(*args, **kwargs)`` in a converter process: CPU work on a request's data."""
         return await self.converter.run(functools.partial(func, *args, **kwargs))
 
     # --- submit ------------------------------------------------------------------------------
@@ -157,11 +158,16 @@ class JobService:
     async def submit_records(
         self, spec: JobSpec, records: list[dict[str, Any]], owner: str = ""
     ) -> Submitted:
-        columns = formats.check_records(records, self.limits)
-        payload = json.dumps(records, separators=(",", ":"), default=str).encode()
-        digest = hashlib.sha256(payload).hexdigest() if spec.idempotency_key else ""
+        return await self.submit_encoded(spec, formats.encode_records(records, self.limits), owner)
+
+    async def submit_encoded(
+        self, spec: JobSpec, records: formats.EncodedRecords, owner: str = ""
+    ) -> Submitted:
+        """Submit records already checked and encoded (off the event loop, for a large body)."""
+        digest = hashlib.sha256(records.payload).hexdigest() if spec.idempotency_key else ""
         job = self._new_job(spec, owner, digest)
-        return await self._insert(job, InputData("json", payload, len(records), columns))
+        data = InputData("json", records.payload, records.rows, records.columns)
+        return await self._insert(job, data)
 
     async def submit_file(
         self, spec: JobSpec, path: str, media_type: str, owner: str = ""
@@ -174,7 +180,7 @@ class JobService:
         if files is not None:
             files.prepare()
             stored = files.name_for(job.id)
-        parsed: formats.ParsedUpload = await self._convert(
+        parsed: formats.ParsedUpload = await self.convert(
             formats.parse_upload,
             path,
             media_type,
@@ -375,7 +381,7 @@ class JobService:
             formats.CSV: formats.render_csv,
             formats.PARQUET: formats.render_parquet,
         }.get(media_type, formats.render_json)
-        rendered: bytes = await self._convert(render, source)
+        rendered: bytes = await self.convert(render, source)
         return rendered
 
     # --- change ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 
 from jobsvc import formats
+from jobsvc.api import json_body
 from jobsvc.api.auth import KeyRing
 from jobsvc.api.errors import JobsvcRoute
 from jobsvc.api.uploads import body_to_file, upload_to_file
@@ -224,7 +225,9 @@ def build_jobs_router(runtime: Runtime) -> APIRouter:
             raise InvalidInput(f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters")
         media = formats.normalise_media_type(request.headers.get("content-type"))
         if media == formats.JSON_MEDIA:
-            submitted = await _submit_json(request, service, owner, idempotency_key)
+            submitted = await _submit_json(
+                request, service, owner, idempotency_key, runtime.settings.max_upload_bytes
+            )
         elif media in formats.UPLOAD_TYPES or media == "multipart/form-data":
             options: dict[str, Any] = {
                 name: request.query_params.get(name) for name in _UPLOAD_OPTIONS
@@ -369,17 +372,23 @@ def build_service_router(runtime: Runtime) -> APIRouter:
 
 
 async def _submit_json(
-    request: Request, service: JobService, owner: str, idempotency_key: str | None
+    request: Request, service: JobService, owner: str, idempotency_key: str | None, max_bytes: int
 ) -> Submitted:
-    raw = await request.body()
-    try:
-        body = SubmitJSON.model_validate_json(raw)
-    except ValidationError as error:
-        found = problems(error, "body")
-        if any(problem["type"] == "json_invalid" for problem in found):
-            raise MalformedRequest(f"the body is not valid JSON: {found[0]['msg']}") from None
-        raise RequestValidationError(found) from None
-    return await service.submit_records(_to_spec(body, idempotency_key), body.data, owner)
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) <= json_body.INLINE_BYTES:
+        body = json_body.read(await request.body(), service.limits)
+    else:  # large, or of unknown length: parsed off the event loop
+        async with body_to_file(request, max_bytes) as path:
+            body = await service.convert(json_body.read_file, path, service.limits)
+    if body.not_json is not None:
+        raise MalformedRequest(f"the body is not valid JSON: {body.not_json}")
+    if body.problems is not None:
+        raise RequestValidationError(body.problems)
+    assert body.options is not None
+    assert body.records is not None
+    return await service.submit_encoded(
+        _to_spec(body.options, idempotency_key), body.records, owner
+    )
 
 
 def _to_spec(options: SubmitOptions, idempotency_key: str | None) -> JobSpec:
