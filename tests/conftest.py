@@ -25,6 +25,7 @@ from fastapi import FastAPI
 
 from jobsvc import migrate
 from jobsvc.app import create_app
+from jobsvc.db import Database
 from jobsvc.settings import Settings
 
 PG_ADMIN_URL = os.environ.get(
@@ -143,6 +144,14 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
 @pytest.fixture
 def settings(database_url: str) -> Settings:
     return make_settings(database_url)
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    """The database alone, for tests that put the job table into a state directly."""
+    database = Database(make_settings(database_url))
+    yield database
+    await database.dispose()
 
 
 @pytest.fixture

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
 from sqlalchemy import update
 
 from jobsvc import repository as repo
 from jobsvc.db import Database
 from jobsvc.models import JobStatus, jobs
 from jobsvc.records import NewJob
-from tests.conftest import make_settings
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(make_settings(database_url))
-    yield database
-    await database.dispose()
 
 
 async def plan_of(db: Database, sql: str) -> str:

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from asgi_lifespan import LifespanManager
 from sqlalchemy import func, select, update
 
@@ -27,13 +25,6 @@ from jobsvc.worker import Dispatcher
 from tests.conftest import make_settings, submit, wait_for_status
 
 DEAD_HOST_OWNER = "elsewhere:1:deadbeef"  # another machine: only lease expiry can tell
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(make_settings(database_url))
-    yield database
-    await database.dispose()
 
 
 async def new_job(db: Database, max_attempts: int = 3) -> str:

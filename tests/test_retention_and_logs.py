@@ -7,7 +7,6 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,15 +17,8 @@ from sqlalchemy import func, select, update
 from jobsvc import logs, retention
 from jobsvc.db import Database
 from jobsvc.models import job_events, job_inputs, jobs
-from tests.conftest import make_settings, submit, wait_for_status
+from tests.conftest import submit, wait_for_status
 from tests.live_server import LiveServer, server_env
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(make_settings(database_url))
-    yield database
-    await database.dispose()
 
 
 async def count(db: Database, table: object) -> int:

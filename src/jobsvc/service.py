@@ -156,14 +156,10 @@ class JobService:
         )
 
     async def submit_records(
-        self, spec: JobSpec, records: list[dict[str, Any]], owner: str = ""
-    ) -> Submitted:
-        return await self.submit_encoded(spec, formats.encode_records(records, self.limits), owner)
-
-    async def submit_encoded(
         self, spec: JobSpec, records: formats.EncodedRecords, owner: str = ""
     ) -> Submitted:
-        """Submit records already checked and encoded (off the event loop, for a large body)."""
+        """Submit records already checked and encoded (``formats.encode_records``; for a large
+        body, in a converter process)."""
         digest = hashlib.sha256(records.payload).hexdigest() if spec.idempotency_key else ""
         job = self._new_job(spec, owner, digest)
         data = InputData("json", records.payload, records.rows, records.columns)

@@ -148,12 +148,12 @@ class WorkerProcess:
             process, sock = await asyncio.shield(starting)
         except asyncio.CancelledError:
             # Stopped meanwhile (the service is shutting down): what starts is no one's.
-            starting.add_done_callback(_discard_started)
+            starting.add_done_callback(_kill_when_started)
             raise
         try:
             reader, writer = await asyncio.open_connection(sock=sock)
         except BaseException:
-            _discard(process, sock)
+            _kill_and_close(process, sock)
             raise
         return cls(process, reader, writer)
 
@@ -236,15 +236,15 @@ class WorkerProcess:
         self.process.join(0)  # collects the exit status, if it is there
 
 
-def _discard(process: BaseProcess, sock: socket.socket) -> None:
+def _kill_and_close(process: BaseProcess, sock: socket.socket) -> None:
     sock.close()
     with contextlib.suppress(ProcessLookupError, ValueError):
         process.kill()
 
 
-def _discard_started(started: asyncio.Future[tuple[BaseProcess, socket.socket]]) -> None:
+def _kill_when_started(started: asyncio.Future[tuple[BaseProcess, socket.socket]]) -> None:
     if not started.cancelled() and started.exception() is None:
-        _discard(*started.result())
+        _kill_and_close(*started.result())
 
 
 def _start_process(context: BaseContext, settings: Settings) -> tuple[BaseProcess, socket.socket]:
@@ -508,7 +508,7 @@ class Dispatcher:
             outcome = await self._execute(attempt, job, stored)
             heartbeat.cancel()
             if attempt.aborted:
-                self._discard(outcome)
+                self._remove_result_file(outcome)
                 return None
             keep_going = not self._stopping and attempt.process.alive
             # Should recording fail, a result file stays: the commit may have happened all
@@ -524,7 +524,7 @@ class Dispatcher:
             heartbeat.cancel()
             self._untrack(attempt)
 
-    def _discard(self, outcome: ResultData | AttemptError) -> None:
+    def _remove_result_file(self, outcome: ResultData | AttemptError) -> None:
         """Remove the file of a result that will not be stored."""
         if isinstance(outcome, ResultData) and outcome.path and self.files is not None:
             self.files.remove([outcome.path])
@@ -584,7 +584,7 @@ class Dispatcher:
                     conn, job.id, self.worker_id, job.attempts, outcome, now, events=events
                 )
                 if not stored:  # fenced out: cancelled or taken over meanwhile
-                    self._discard(outcome)
+                    self._remove_result_file(outcome)
             else:
                 if outcome.retryable and job.attempts < job.max_attempts:
                     delay = retry_delay(

@@ -386,7 +386,7 @@ async def _submit_json(
         raise RequestValidationError(body.problems)
     assert body.options is not None
     assert body.records is not None
-    return await service.submit_encoded(
+    return await service.submit_records(
         _to_spec(body.options, idempotency_key), body.records, owner
     )
 
