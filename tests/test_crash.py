@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import TERMINAL
-from tests.live_server import LiveServer
+from tests.live_server import LiveServer, group_members
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +42,13 @@ def poll(http: httpx.Client, path: str, done: Any, timeout: float, what: str) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} within {timeout:g} s; last seen: {body}")
         time.sleep(0.05)
+
+
+def poll_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not so within {timeout:g} s"
+        time.sleep(0.02)
 
 
 def all_terminal(http: httpx.Client, ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
@@ -150,3 +160,33 @@ def test_a_job_that_kills_its_worker_fails_and_the_service_keeps_serving(
     assert [e["status"] for e in events].count("running") == 2
     assert jobs[fine]["status"] == "succeeded"
     assert health.status_code == 200
+
+
+def _forked_by_the_fork_server(pid: int) -> bool:
+    """A worker (or converter) process: the fork server's child, not the server itself."""
+    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return b"multiprocessing.forkserver" in Path(f"/proc/{parent}/cmdline").read_bytes()
+
+
+def test_worker_processes_killed_while_idle_are_replaced_and_cost_no_job_an_attempt(
+    tmp_path: Path,
+) -> None:
+    """The out-of-memory killer may pick an idle worker: the next jobs must not pay for it
+    with an attempt, and the dispatcher must keep all its workers, however often it happens."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'jobsvc.db'}"
+    with (
+        LiveServer(url, tmp_path / "server.log", JOBSVC_WORKERS="2") as server,
+        httpx.Client(base_url=server.url, timeout=10) as http,
+    ):
+        assert server.process is not None
+        group = server.process.pid
+        for _ in range(3):
+            members = group_members(group)
+            workers = {pid for pid in members if _forked_by_the_fork_server(pid)}
+            assert len(workers) == 2, members
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            poll_until(lambda gone=workers: not gone & set(group_members(group)))
+            ids = [submit(http, "double", {}) for _ in range(4)]
+            jobs = all_terminal(http, ids, timeout=60)
+            assert {(job["status"], job["attempts"]) for job in jobs.values()} == {("succeeded", 1)}

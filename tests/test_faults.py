@@ -86,6 +86,35 @@ async def test_a_full_disk_answers_503_and_recovers(tmp_path: Path, sqlite_templ
             assert len((await client.get("/jobs")).json()["items"]) == 2
 
 
+async def test_an_upload_on_a_full_disk_answers_503_and_leaves_no_file(
+    tmp_path: Path, sqlite_template: Path
+) -> None:
+    """The upload streams into the files directory beside the database: when that disk is
+    full, the answer is a 503 that says so, and no part of the upload stays behind."""
+    csv = b"a,b\n" + b"".join(b"%d,%d\n" % (i, i * 2) for i in range(200_000))  # 2.3 MB
+    with mounted("-t", "tmpfs", "-o", "size=8m", "tmpfs", target=tmp_path / "disk") as disk:
+        shutil.copyfile(sqlite_template, disk / "jobsvc.db")
+        async with service(f"sqlite+aiosqlite:///{disk / 'jobsvc.db'}") as client:
+            files = disk / "jobsvc.db.files"
+            filler = fill(disk)
+            response = await client.post(
+                "/jobs?task=summarize", content=csv, headers={"Content-Type": "text/csv"}
+            )
+            assert response.status_code == 503, response.text
+            assert "No space left" in response.json()["detail"]
+            assert response.headers["retry-after"]
+            assert os.listdir(files) == []
+            assert (await client.get("/jobs")).json()["items"] == []
+
+            filler.unlink()
+            response = await client.post(
+                "/jobs?task=summarize", content=csv, headers={"Content-Type": "text/csv"}
+            )
+            assert response.status_code == 202, response.text
+            done = await wait_for_status(client, response.json()["id"])
+            assert (done["status"], done["error"]) == ("succeeded", None)
+
+
 async def test_a_read_only_database_answers_503_and_recovers(
     tmp_path: Path, sqlite_template: Path
 ) -> None:

@@ -7,18 +7,19 @@ import io
 import json
 import os
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pandas as pd
+import pyarrow as pa
 import pytest
 from sqlalchemy import Table, select, update
 
-from jobsvc import retention
+from jobsvc import formats, retention
 from jobsvc.db import Database
-from jobsvc.files import ORPHAN_AGE_SECONDS, FileStore
+from jobsvc.files import ORPHAN_AGE_SECONDS, FileStore, boot_tag
 from jobsvc.models import job_inputs, job_results, jobs
 from jobsvc.settings import Settings
 from tests.conftest import make_settings, submit, wait_for_status
@@ -67,12 +68,12 @@ async def test_an_upload_is_a_file_on_sqlite_and_a_row_on_postgres(
     job_id = response.json()["id"]
     row = await stored_row(settings, job_inputs, job_id)
     assert (row.rows, row.columns) == (3, 2)
-    if backend == "sqlite":
+    if backend == "sqlite":  # the upload itself, byte for byte
         store = FileStore.for_settings(settings)
         assert store is not None
-        assert (row.format, row.data, row.path) == ("arrow", None, f"{job_id}.arrow")
-        assert stored_files(settings) == [row.path]
-        assert row.size_bytes == (store.root / row.path).stat().st_size
+        assert (row.format, row.data, row.path) == ("csv", None, f"{job_id}.csv")
+        assert (store.root / row.path).read_bytes() == CSV_BODY
+        assert row.size_bytes == len(CSV_BODY)
     else:
         assert (row.format, row.path) == ("parquet", None)
         assert row.data
@@ -81,6 +82,113 @@ async def test_an_upload_is_a_file_on_sqlite_and_a_row_on_postgres(
     assert done["status"] == "succeeded", done
     result = await client.get(f"/jobs/{job_id}/result", headers={"Accept": "application/json"})
     assert sorted(result.json(), key=lambda r: r["city"]) == [
+        {"city": "Lima", "temp_mean": 19.0},
+        {"city": "Oslo", "temp_mean": 4.0},
+    ]
+    # The parsed copy was read once and is gone; the upload stays with the job.
+    assert stored_files(settings) == ([f"{job_id}.csv"] if backend == "sqlite" else [])
+
+
+def _later() -> str:
+    return (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+
+
+async def _run_now(settings: Settings, job_id: str) -> None:
+    db = Database(settings)
+    try:
+        async with db.write() as conn:
+            await conn.execute(update(jobs).where(jobs.c.id == job_id).values(run_at=db.now()))
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest.mark.parametrize(
+    ("media", "body"),
+    [
+        ("text/csv", CSV_BODY),
+        (
+            "application/x-ndjson",
+            b'{"city":"Oslo","temp":3.5}\n{"city":"Lima","temp":19.0}\n'
+            b'{"city":"Oslo","temp":4.5}\n',
+        ),
+    ],
+)
+async def test_the_parsed_copy_is_read_in_this_boot_and_the_upload_after_a_restart(
+    client: httpx.AsyncClient, settings: Settings, media: str, body: bytes
+) -> None:
+    store = FileStore.for_settings(settings)
+    assert store is not None
+    params = {"steps": STEPS}
+    submits = []
+    for _ in range(2):  # not due for an hour: the files can be looked at before it runs
+        response = await client.post(
+            "/jobs",
+            params={"task": "pipeline", "params": json.dumps(params), "run_at": _later()},
+            content=body,
+            headers={"Content-Type": media},
+        )
+        assert response.status_code == 202, response.text
+        submits.append(response.json()["id"])
+    with_copy, after_reboot = submits
+    kind = "csv" if media == "text/csv" else "ndjson"
+    for job_id in submits:
+        assert (store.root / f"{job_id}.{kind}").read_bytes() == body
+        copy = store.root / store.cache_name_for(job_id)
+        assert copy.exists(), stored_files(settings)
+        assert boot_tag() is not None
+        assert boot_tag() in copy.name
+    # After a power loss the copy may be torn; the machine's next boot has another id, so
+    # the worker never opens the old one and parses the upload instead.
+    old_copy = store.root / store.cache_name_for(after_reboot)
+    torn = old_copy.with_name(f"{after_reboot}.cache-0000000000000000.arrow")
+    old_copy.rename(torn)
+    torn.write_bytes(b"ARROW1 torn by a power loss")
+    results = []
+    for job_id in submits:
+        await _run_now(settings, job_id)
+        done = await wait_for_status(client, job_id)
+        assert done["status"] == "succeeded", done
+        got = await client.get(f"/jobs/{job_id}/result", headers={"Accept": "application/json"})
+        results.append(sorted(got.json(), key=lambda r: r["city"]))
+    assert (
+        results[0]
+        == results[1]
+        == [
+            {"city": "Lima", "temp_mean": 19.0},
+            {"city": "Oslo", "temp_mean": 4.0},
+        ]
+    )
+    assert not (store.root / store.cache_name_for(with_copy)).exists()  # read once, deleted
+
+
+def test_a_kept_upload_is_read_from_its_parsed_copy_when_there_is_one(tmp_path: Path) -> None:
+    upload = tmp_path / "j.csv"
+    upload.write_bytes(CSV_BODY)
+    copy = tmp_path / "j.cache.arrow"
+    marked = pd.DataFrame({"from_the_copy": [1, 2]})
+    formats.write_arrow_file(pa.Table.from_pandas(marked, preserve_index=False), copy)
+    pd.testing.assert_frame_equal(formats.load_input("csv", None, str(upload), str(copy)), marked)
+    copy.unlink()
+    parsed = formats.load_input("csv", None, str(upload), str(copy))
+    pd.testing.assert_frame_equal(parsed, pd.read_csv(io.BytesIO(CSV_BODY)))
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_a_parquet_upload_is_kept_and_read_as_it_came(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    frame = pd.DataFrame({"city": ["Oslo", "Lima", "Oslo"], "temp": [3.5, 19.0, 4.5]})
+    body = frame.to_parquet(index=False)
+    response = await upload(client, body, **{"Content-Type": "application/vnd.apache.parquet"})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    row = await stored_row(settings, job_inputs, job_id)
+    assert (row.format, row.data, row.path, row.rows) == ("parquet", None, f"{job_id}.parquet", 3)
+    assert (await wait_for_status(client, job_id))["status"] == "succeeded"
+    assert stored_files(settings) == [f"{job_id}.parquet"]  # no parsed copy: Parquet is typed
+    got = await client.get(f"/jobs/{job_id}/result", headers={"Accept": "application/json"})
+    assert sorted(got.json(), key=lambda r: r["city"]) == [
         {"city": "Lima", "temp_mean": 19.0},
         {"city": "Oslo", "temp_mean": 4.0},
     ]
@@ -96,7 +204,13 @@ async def test_a_refused_or_replayed_upload_leaves_no_file(
     again = await upload(client, **{"Idempotency-Key": "k1"})
     assert (first.status_code, again.status_code) == (202, 200), again.text
     assert again.json()["id"] == first.json()["id"]
-    assert len(stored_files(settings)) == (1 if settings.is_sqlite else 0)
+    job_id = first.json()["id"]
+    store = FileStore.for_settings(settings)
+    if store is None:
+        assert stored_files(settings) == []
+        return
+    assert (await wait_for_status(client, job_id))["status"] == "succeeded"
+    assert stored_files(settings) == [f"{job_id}.csv"]  # the first upload's only
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])  # PostgreSQL keeps inputs in the database
@@ -108,12 +222,19 @@ async def test_prune_removes_files_of_pruned_jobs_and_orphans(
         assert (await wait_for_status(client, job_id))["status"] == "succeeded"
     store = FileStore.for_settings(settings)
     assert store is not None
-    orphan = store.root / "01930000-0000-7000-8000-000000000000.arrow"
-    orphan.write_bytes(b"left by a crash before its row committed")
-    young_orphan = store.root / "01930000-0000-7000-8000-000000000001.arrow"
-    young_orphan.write_bytes(b"its row may be about to commit")
+    # Left by crashes before their rows committed: an upload cut off, one kept, its copy.
+    orphans = [
+        store.root / "upload-0123456789abcdef.partial",
+        store.root / "01930000-0000-7000-8000-000000000000.csv",
+        store.root / "01930000-0000-7000-8000-000000000000.cache-0000000000000000.arrow",
+        store.root / "01930000-0000-7000-8000-000000000002.result-1.arrow",
+    ]
+    young_orphan = store.root / "01930000-0000-7000-8000-000000000001.csv"
+    not_ours = store.root / "notes.txt"  # someone else's file in the directory stays
+    for path in (*orphans, young_orphan, not_ours):
+        path.write_bytes(b"left behind")
     an_hour_ago = time.time() - ORPHAN_AGE_SECONDS - 60
-    for path in (orphan, store.root / f"{kept}.arrow"):
+    for path in (*orphans, not_ours, store.root / f"{kept}.csv"):
         os.utime(path, (an_hour_ago, an_hour_ago))
 
     db = Database(settings)
@@ -127,8 +248,8 @@ async def test_prune_removes_files_of_pruned_jobs_and_orphans(
         assert await retention.prune(db, timedelta(days=7), store) == 1
     finally:
         await db.dispose()
-    # The old job's file and the old orphan are gone; a referenced file stays however old.
-    assert stored_files(settings) == sorted([f"{kept}.arrow", young_orphan.name])
+    # The old job's file and the old orphans are gone; a referenced file stays however old.
+    assert stored_files(settings) == sorted([f"{kept}.csv", young_orphan.name, not_ours.name])
     assert (await client.get(f"/jobs/{kept}/result")).status_code == 200
 
 
@@ -190,7 +311,7 @@ async def test_small_results_stay_rows(client: httpx.AsyncClient, settings: Sett
     row = await stored_row(settings, job_results, job_id)
     assert row.path is None
     assert row.data
-    assert stored_files(settings) == [f"{job_id}.arrow"]  # the input only
+    assert stored_files(settings) == [f"{job_id}.csv"]  # the input only
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])
@@ -244,7 +365,7 @@ class TestASharedFilesDirectory:
         assert (await wait_for_status(client, job_id))["status"] == "succeeded"
         stored_input = await stored_row(settings, job_inputs, job_id)
         result = await stored_row(settings, job_results, job_id)
-        assert (stored_input.path, stored_input.data) == (f"{job_id}.arrow", None)
+        assert (stored_input.path, stored_input.data) == (f"{job_id}.csv", None)
         assert (result.path, result.data) == (f"{job_id}.result-1.arrow", None)
         assert sorted(os.listdir(tmp_path / "shared")) == [stored_input.path, result.path]
         got = await client.get(f"/jobs/{job_id}/result", headers={"Accept": "text/csv"})

@@ -58,7 +58,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class ParsedUpload:
-    format: str  # 'parquet' (bytes in ``data``) or 'arrow' (the file it was asked to write)
+    format: str  # 'parquet' (bytes in ``data``), or the kept upload's ('csv', 'ndjson', ...)
     data: bytes | None
     rows: int
     columns: int
@@ -86,7 +86,9 @@ def _check_cells(frame: pd.DataFrame, limits: Limits) -> None:
         values = frame[column]
         if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_datetime64_any_dtype(values):
             continue
-        longest = values.astype("string").str.len().max()
+        if not isinstance(values.dtype, pd.StringDtype):  # mixed values: measure their text
+            values = values.astype("string")
+        longest = values.str.len().max()
         if pd.notna(longest) and int(longest) > limits.max_cell_chars:
             raise TooLarge(
                 f"column {column!r} has a cell of {int(longest)} characters; "
@@ -144,35 +146,58 @@ def frame_to_parquet(frame: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
+def stored_format(media_type: str) -> str:
+    """The ``job_inputs.format`` of an upload kept as it came: 'csv', 'ndjson' or 'parquet'."""
+    kept = {CSV: "csv", NDJSON: "ndjson", PARQUET: "parquet"}.get(media_type)
+    if kept is None:
+        raise UnsupportedMediaType(
+            f"content type {media_type!r} is not accepted; use one of {', '.join(UPLOAD_TYPES)}"
+        )
+    return kept
+
+
 def parse_upload(
-    path: str, media_type: str, limits: Limits, *, store_at: str | None = None, digest: bool = False
+    path: str,
+    media_type: str,
+    limits: Limits,
+    *,
+    cache_at: str | None = None,
+    durable_cache: bool = False,
+    digest: bool = False,
 ) -> ParsedUpload:
-    """Read an uploaded file and check it against the limits; return it as Parquet bytes or,
-    with ``store_at``, write it there as an Arrow IPC file (durably) and return no bytes."""
+    """Read an uploaded file and check it against the limits.
+
+    Without ``cache_at``, return it as Parquet bytes (an input kept in the database). With
+    it, the caller keeps the upload itself as a file: return no bytes, and leave the parsed
+    table of a CSV or NDJSON upload at ``cache_at`` as an Arrow file for the worker to map
+    (fsynced only when ``durable_cache``; see ``files``).
+    """
     file = Path(path)
     sha256 = _sha256_of(file) if digest else ""
-    if file.stat().st_size == 0:
+    size = file.stat().st_size
+    if size == 0:
         raise InvalidData("the uploaded file is empty")
     if media_type == PARQUET:
         try:
             metadata = pq.read_metadata(file)
-            _check_shape(metadata.num_rows, metadata.num_columns, limits)
-            if store_at is None:
-                data = file.read_bytes()
-                return ParsedUpload(
-                    "parquet", data, metadata.num_rows, metadata.num_columns, sha256, len(data)
-                )
-            table = pq.read_table(file)
         except (pa.ArrowException, OSError) as error:
             raise InvalidData(f"the body is not a readable Parquet file: {error}") from None
-    else:
-        frame = _read_text_table(file, media_type, limits)
-        if store_at is None:
-            data = frame_to_parquet(frame)
-            return ParsedUpload("parquet", data, len(frame), len(frame.columns), sha256, len(data))
-        table = pa.Table.from_pandas(frame, preserve_index=False)
-    size = write_arrow_file(table, Path(store_at))
-    return ParsedUpload("arrow", None, table.num_rows, table.num_columns, sha256, size)
+        _check_shape(metadata.num_rows, metadata.num_columns, limits)
+        if cache_at is not None:  # the worker reads the kept file; nothing to cache
+            return ParsedUpload(
+                "parquet", None, metadata.num_rows, metadata.num_columns, sha256, size
+            )
+        data = file.read_bytes()
+        return ParsedUpload("parquet", data, metadata.num_rows, metadata.num_columns, sha256, size)
+    frame = _read_text_table(file, media_type, limits)
+    if cache_at is None:
+        data = frame_to_parquet(frame)
+        return ParsedUpload("parquet", data, len(frame), len(frame.columns), sha256, len(data))
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    write_arrow_file(table, Path(cache_at), durable=durable_cache)
+    return ParsedUpload(
+        stored_format(media_type), None, len(frame), len(frame.columns), sha256, size
+    )
 
 
 def _read_text_table(file: Path, media_type: str, limits: Limits) -> pd.DataFrame:
@@ -198,17 +223,19 @@ def _read_text_table(file: Path, media_type: str, limits: Limits) -> pd.DataFram
     return frame
 
 
-def write_arrow_file(table: pa.Table, target: Path) -> int:
+def write_arrow_file(table: pa.Table, target: Path, *, durable: bool = True) -> int:
     """Write ``table`` as an uncompressed Arrow IPC file (a reader maps it, no decoding),
-    fsynced with its directory entry before this returns; its size in bytes."""
+    fsynced with its directory entry before this returns unless not ``durable``; its size."""
     try:
         if not target.parent.is_dir():  # not made at start (a read-only disk then, say)
             target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("wb") as out:
             feather.write_feather(table, out, compression="uncompressed")
-            out.flush()
-            os.fsync(out.fileno())
-        fsync_directory(target.parent)
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
+        if durable:
+            fsync_directory(target.parent)
     except BaseException:
         target.unlink(missing_ok=True)
         raise
@@ -278,10 +305,25 @@ def decode_call(data: bytes) -> tuple[list[Any], dict[str, Any]]:
 # --- in the task worker ---------------------------------------------------------------------
 
 
-def load_input(format: str, data: bytes | None, path: str | None = None) -> pd.DataFrame:
-    if format == "arrow" and path is not None:
-        frame: pd.DataFrame = feather.read_table(path, memory_map=True).to_pandas()
-        return frame
+# The limits were checked when the upload was accepted; a kept upload is parsed again as is.
+_NO_LIMITS = Limits(max_rows=2**63, max_columns=2**63, max_cell_chars=2**63)
+_KEPT_TEXT = {"csv": CSV, "ndjson": NDJSON}
+
+
+def load_input(
+    format: str, data: bytes | None, path: str | None = None, cache: str | None = None
+) -> pd.DataFrame:
+    """A job's input as a DataFrame. A kept CSV or NDJSON upload is read from its parsed copy
+    ``cache`` when that exists (written at submit, in this boot), else parsed again."""
+    if path is not None:
+        if format in _KEPT_TEXT:
+            if cache is not None and os.path.exists(cache):
+                return _map_arrow(cache)
+            return _read_text_table(Path(path), _KEPT_TEXT[format], _NO_LIMITS)
+        if format == "parquet":
+            return pd.read_parquet(path)
+        if format == "arrow":  # an upload kept by an earlier version
+            return _map_arrow(path)
     if data is None:
         return pd.DataFrame()
     if format == "parquet":
@@ -338,11 +380,15 @@ def _json_default(value: Any) -> Any:
 # --- rendering results (the API's converter pool) ------------------------------------------
 
 
+def _map_arrow(path: str) -> pd.DataFrame:
+    frame: pd.DataFrame = feather.read_table(path, memory_map=True).to_pandas()
+    return frame
+
+
 def _stored_frame(source: bytes | str) -> pd.DataFrame:
     """A stored DataFrame result: Parquet bytes, or the path of an Arrow file."""
     if isinstance(source, str):
-        frame: pd.DataFrame = feather.read_table(source, memory_map=True).to_pandas()
-        return frame
+        return _map_arrow(source)
     return pd.read_parquet(io.BytesIO(source))
 
 

@@ -160,8 +160,9 @@ class JobInput(Base):
     __tablename__ = "job_inputs"
 
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
-    # 'json' (a list of records), 'parquet', 'call' (a function's arguments) or 'arrow'
-    # (an Arrow IPC file).
+    # 'json' (a list of records), 'parquet', 'call' (a function's arguments); with ``path``,
+    # an upload kept as it came ('csv', 'ndjson', 'parquet') or, from before uploads were kept
+    # so, 'arrow' (an Arrow IPC file).
     format: Mapped[str] = mapped_column(String(16))
     # The input itself, or NULL when it is the file named by ``path``.
     data: Mapped[bytes | None] = mapped_column(LargeBinary)

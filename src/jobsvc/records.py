@@ -29,7 +29,7 @@ class NewJob:
 
 @dataclass(frozen=True)
 class InputData:
-    format: str  # 'json' (records), 'parquet', 'call' (a function's arguments) or 'arrow'
+    format: str  # 'json' (records), 'parquet', 'call', or a kept upload's: 'csv', 'ndjson', ..
     data: bytes | None  # None when the input is the file ``path``
     rows: int
     columns: int

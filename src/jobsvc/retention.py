@@ -35,7 +35,7 @@ async def prune(
         async with db.write() as conn:
             deleted, names = await repo.prune_finished(conn, cutoff, batch)
         if files is not None:
-            files.remove(names)  # after the commit: a rolled-back delete keeps its files
+            await files.discard(names)  # after the commit: a rolled-back delete keeps its files
         total += deleted
         if deleted < batch:
             break
@@ -43,5 +43,6 @@ async def prune(
         stale = files.stale_names()
         for start in range(0, len(stale), batch):
             async with db.read() as conn:
-                files.remove(await repo.unreferenced_files(conn, stale[start : start + batch]))
+                unreferenced = await repo.unreferenced_files(conn, stale[start : start + batch])
+            await files.discard(unreferenced)
     return total

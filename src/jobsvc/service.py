@@ -7,6 +7,7 @@ upload, rendering a result) goes to the converter pool, a process pool, never th
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import hashlib
@@ -14,6 +15,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -31,6 +33,7 @@ from jobsvc.errors import (
     InvalidParams,
     NotAcceptable,
     NotFound,
+    StorageUnavailable,
     UnknownTask,
     problems,
 )
@@ -92,6 +95,14 @@ def request_hash(spec: JobSpec, data_digest: str) -> str:
         default=str,
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def files_unavailable(error: OSError) -> StorageUnavailable:
+    """A files directory that refuses writes (full, read-only) answers like the database."""
+    return StorageUnavailable(
+        f"The files directory cannot take writes ({error.strerror or error}); nothing was "
+        "changed. Try again later."
+    )
 
 
 class JobService:
@@ -165,41 +176,91 @@ class JobService:
         data = InputData("json", records.payload, records.rows, records.columns)
         return await self._insert(job, data)
 
+    def upload_path(self) -> Path | None:
+        """Where a file upload streams to: into the files directory when inputs are kept as
+        files (so that keeping it is a rename), else None (a temporary file)."""
+        if self.files is None:
+            return None
+        try:
+            self.files.prepare()
+        except OSError as error:
+            raise files_unavailable(error) from None
+        return self.files.new_upload_path()
+
     async def submit_file(
         self, spec: JobSpec, path: str, media_type: str, owner: str = ""
     ) -> Submitted:
         # The task and params are checked first: a bad submit costs no parsing.
         job = self._new_job(spec, owner, "", repo.new_job_id())
-        assert job.id is not None
-        files = self.files
-        stored = None  # the input's file name, when inputs are kept as files
-        if files is not None:
-            files.prepare()
-            stored = files.name_for(job.id)
+        if self.files is not None:
+            return await self._submit_kept_file(spec, job, Path(path), media_type)
         parsed: formats.ParsedUpload = await self.convert(
             formats.parse_upload,
             path,
             media_type,
             self.limits,
-            store_at=str(files.path(stored)) if files is not None and stored else None,
             digest=spec.idempotency_key is not None,
         )
-        if spec.idempotency_key is not None:  # the key is bound to the data too
-            job = dataclasses.replace(job, request_hash=request_hash(spec, parsed.sha256))
+        data = InputData(
+            parsed.format, parsed.data, parsed.rows, parsed.columns, size_bytes=parsed.size_bytes
+        )
+        return await self._insert(self._bound_to_data(spec, job, parsed), data)
+
+    async def _submit_kept_file(
+        self, spec: JobSpec, job: NewJob, upload: Path, media_type: str
+    ) -> Submitted:
+        """Keep the upload itself (``upload`` is in the files directory) as the job's input."""
+        files = self.files
+        assert files is not None
+        assert job.id is not None
+        kept = files.upload_name_for(job.id, formats.stored_format(media_type))
+        cache = files.cache_name_for(job.id)
+        try:
+            path = files.take(upload, kept)
+        except OSError as error:
+            raise files_unavailable(error) from None
+        # Both before the commit, side by side: the parse that checks the upload, and the
+        # disk's flush of it (for a 39 MB CSV, 0.08 s that the parse's 0.15 s now hides).
+        parsing = self.convert(
+            formats.parse_upload,
+            str(path),
+            media_type,
+            self.limits,
+            cache_at=str(files.path(cache)),
+            durable_cache=files.cache_is_durable,
+            digest=spec.idempotency_key is not None,
+        )
+        flushing = asyncio.to_thread(files.make_durable, kept)
+        outcomes = await asyncio.gather(parsing, flushing, return_exceptions=True)
+        failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if failure is not None:
+            await files.discard([kept])  # and its parsed copy, if the parse got that far
+            if isinstance(failure, OSError):
+                raise files_unavailable(failure) from None
+            raise failure
+        parsed = outcomes[0]
+        assert isinstance(parsed, formats.ParsedUpload)
         data = InputData(
             parsed.format,
-            parsed.data,
+            None,
             parsed.rows,
             parsed.columns,
-            path=stored,
+            path=kept,
             size_bytes=parsed.size_bytes,
         )
-        # If the insert fails the file stays: a failed commit may still have committed (a
+        # If the insert fails the files stay: a failed commit may still have committed (a
         # connection lost during COMMIT), and a file no row names is pruned after an hour.
-        submitted = await self._insert(job, data)
-        if files is not None and stored and not submitted.created:
-            files.remove([stored])  # an earlier submit's job is the answer: no one's file
+        submitted = await self._insert(self._bound_to_data(spec, job, parsed), data)
+        if not submitted.created:
+            await files.discard([kept])  # an earlier submit's job is the answer: no one's files
         return submitted
+
+    @staticmethod
+    def _bound_to_data(spec: JobSpec, job: NewJob, parsed: formats.ParsedUpload) -> NewJob:
+        if spec.idempotency_key is None:
+            return job
+        # The key is bound to the data too: the same key with another file is a conflict.
+        return dataclasses.replace(job, request_hash=request_hash(spec, parsed.sha256))
 
     def prepare_call(
         self,

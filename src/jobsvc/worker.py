@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -115,13 +116,14 @@ class ConverterPool:
 
     async def run(self, func: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
+        call = functools.partial(worker_process.call_and_release, functools.partial(func, *args))
         try:
-            return await loop.run_in_executor(self._pool, func, *args)
+            return await loop.run_in_executor(self._pool, call)
         except BrokenProcessPool:
             log.warning("a converter process died; starting a new pool")
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._new()
-            return await loop.run_in_executor(self._pool, func, *args)
+            return await loop.run_in_executor(self._pool, call)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -166,8 +168,12 @@ class WorkerProcess:
             self.process.kill()
 
     async def close(self) -> None:
-        with contextlib.suppress(OSError):
-            await self._send(None)  # asks the process to exit
+        if self.alive and not self._writer.is_closing():
+            # Asks the process to exit. Its socket may break meanwhile: uvloop then raises
+            # RuntimeError rather than OSError, and a write to it may never drain.
+            with contextlib.suppress(OSError, RuntimeError, TimeoutError):
+                async with asyncio.timeout(2):
+                    await self._send(None)
         await self._join(2)
         if self.process.is_alive():
             self.kill()
@@ -448,6 +454,9 @@ class Dispatcher:
             idle = [await self._idle.get()]
             while not self._idle.empty():
                 idle.append(self._idle.get_nowait())
+            # One that died while idle (killed, out of memory) is replaced before it is given
+            # a job: its death is no job's failed attempt.
+            idle = [process if process.alive else await self._replace(process) for process in idle]
             self._wake.clear()
             try:
                 claimed = await self._claim(len(idle))
@@ -493,10 +502,20 @@ class Dispatcher:
                     next_job = await self._run_attempt(attempt, job, stored)
         finally:
             if not process.alive and not self._stopping:
-                self._processes.remove(process)
-                await process.close()
-                process = await self._spawn()
+                process = await self._replace(process)
             self._idle.put_nowait(process)
+
+    async def _replace(self, process: WorkerProcess) -> WorkerProcess:
+        """A new worker process for one that died. Until one starts, this process holds its
+        slot: a slot lost to an error would leave the dispatcher with fewer workers for good."""
+        self._processes.remove(process)
+        await process.close()
+        while True:
+            try:
+                return await self._spawn()
+            except Exception:
+                log.exception("cannot start a worker process; trying again in 1 s")
+                await asyncio.sleep(1)
 
     async def _run_attempt(
         self, attempt: Attempt, job: repo.JobRow, stored: repo.JobRow | None
@@ -526,8 +545,14 @@ class Dispatcher:
 
     def _remove_result_file(self, outcome: ResultData | AttemptError) -> None:
         """Remove the file of a result that will not be stored."""
-        if isinstance(outcome, ResultData) and outcome.path and self.files is not None:
-            self.files.remove([outcome.path])
+        if isinstance(outcome, ResultData) and outcome.path:
+            self._remove_files([outcome.path])
+
+    def _remove_files(self, names: list[str]) -> None:
+        """Remove files no one needs, in a thread and not waited for: unlinking a large file
+        takes the kernel milliseconds."""
+        if self.files is not None:
+            asyncio.get_running_loop().run_in_executor(self._threads, self.files.remove, names)
 
     def _observe(self, task: str, seconds: float, outcome: ResultData | AttemptError) -> None:
         if isinstance(outcome, ResultData):
@@ -538,6 +563,7 @@ class Dispatcher:
     async def _execute(
         self, attempt: Attempt, job: repo.JobRow, stored: repo.JobRow | None
     ) -> ResultData | AttemptError:
+        input_path, input_cache = self._input_files(job.id, stored)
         request = worker_process.RunRequest(
             job_id=job.id,
             attempt=job.attempts,
@@ -545,7 +571,8 @@ class Dispatcher:
             params=job.params,
             input_format=stored.format if stored else "json",
             input_data=stored.data if stored else None,
-            input_path=self._input_path(stored),
+            input_path=input_path,
+            input_cache=input_cache,
             result_path=(
                 str(self.files.path(self.files.result_name_for(job.id, job.attempts)))
                 if self.files is not None
@@ -563,12 +590,17 @@ class Dispatcher:
 
         return await attempt.process.run(request, on_progress, job.timeout_seconds)
 
-    def _input_path(self, stored: repo.JobRow | None) -> str | None:
+    def _input_files(
+        self, job_id: str, stored: repo.JobRow | None
+    ) -> tuple[str | None, str | None]:
+        """The input's file, and where the parsed copy of a kept upload would be."""
         if stored is None or not stored.path:
-            return None
+            return None, None
         if self.files is None:
             raise RuntimeError(f"job input {stored.path!r} is a file, but no JOBSVC_FILES_DIR")
-        return str(self.files.path(stored.path))
+        return str(self.files.path(stored.path)), str(
+            self.files.path(self.files.cache_name_for(job_id))
+        )
 
     async def _record(
         self, job: repo.JobRow, outcome: ResultData | AttemptError, *, claim_next: bool

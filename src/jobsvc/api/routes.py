@@ -39,7 +39,7 @@ from jobsvc.schemas import (
     SubmitOptions,
     TaskOut,
 )
-from jobsvc.service import JobService, JobSpec, Submitted
+from jobsvc.service import JobService, JobSpec, Submitted, files_unavailable
 from jobsvc.settings import Settings
 from jobsvc.tasks import registry
 
@@ -200,10 +200,11 @@ def build_jobs_router(runtime: Runtime) -> APIRouter:
                         options[name] = value
                 media = _upload_media_type(upload)
                 spec = _spec(options, request)
-                async with upload_to_file(upload.file) as path:
+                async with upload_to_file(upload.file, service.upload_path()) as path:
                     return await service.submit_file(spec, path, media, owner)
         spec = _spec(options, request)
-        async with body_to_file(request, runtime.settings.max_upload_bytes) as path:
+        max_bytes = runtime.settings.max_upload_bytes
+        async with body_to_file(request, max_bytes, service.upload_path()) as path:
             return await service.submit_file(spec, path, media, owner)
 
     @router.post(
@@ -233,7 +234,10 @@ def build_jobs_router(runtime: Runtime) -> APIRouter:
                 name: request.query_params.get(name) for name in _UPLOAD_OPTIONS
             }
             options["idempotency_key"] = idempotency_key
-            submitted = await submit_upload(request, service, owner, options)
+            try:
+                submitted = await submit_upload(request, service, owner, options)
+            except OSError as error:  # writing the upload: a full or read-only files disk
+                raise files_unavailable(error) from None
         else:
             accepted = ", ".join(("application/json", *formats.UPLOAD_TYPES, "multipart/form-data"))
             raise UnsupportedMediaType(

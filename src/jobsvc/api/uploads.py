@@ -1,12 +1,18 @@
-"""Request bodies to temporary files: an upload streams to disk, never held whole in memory."""
+"""Request bodies to files: an upload streams to disk, never held whole in memory.
+
+An upload goes to the path the service names (in its files directory, where keeping it is a
+rename) or to a temporary file; whatever is still there when the request ends is removed.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import BinaryIO
 
 import anyio
@@ -16,19 +22,26 @@ from jobsvc.api.limits import too_large
 
 
 @asynccontextmanager
-async def temporary_path() -> AsyncIterator[str]:
-    handle, path = tempfile.mkstemp(prefix="jobsvc-upload-")
-    os.close(handle)
+async def temporary_path(target: Path | None = None) -> AsyncIterator[str]:
+    if target is None:
+        handle, path = tempfile.mkstemp(prefix="jobsvc-upload-")
+        os.close(handle)
+    else:
+        path = str(target)
     try:
         yield path
     finally:
-        os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):  # kept: renamed to its job's name
+            os.unlink(path)
 
 
 @asynccontextmanager
-async def body_to_file(request: Request, max_bytes: int) -> AsyncIterator[str]:
-    """The raw request body, written to a temporary file as it arrives; yields its path."""
-    async with temporary_path() as path:
+async def body_to_file(
+    request: Request, max_bytes: int, target: Path | None = None
+) -> AsyncIterator[str]:
+    """The raw request body, written to ``target`` (or a temporary file) as it arrives;
+    yields its path."""
+    async with temporary_path(target) as path:
         size = 0
         with open(path, "wb") as out:  # noqa: ASYNC230 - page-cache writes of 64 KiB chunks
             async for chunk in request.stream():
@@ -40,9 +53,10 @@ async def body_to_file(request: Request, max_bytes: int) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def upload_to_file(source: BinaryIO) -> AsyncIterator[str]:
-    """A multipart file part (already spooled by the form parser) copied to a path of its own."""
-    async with temporary_path() as path:
+async def upload_to_file(source: BinaryIO, target: Path | None = None) -> AsyncIterator[str]:
+    """A multipart file part (already spooled by the form parser) copied to ``target`` (or a
+    temporary file)."""
+    async with temporary_path(target) as path:
 
         def copy() -> None:
             source.seek(0)
