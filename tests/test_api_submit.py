@@ -356,6 +356,27 @@ async def test_bad_params_in_a_file_upload(client: httpx.AsyncClient) -> None:
     await assert_refused(client, response, 422, "bogus")
 
 
+async def test_bad_params_refuse_an_upload_before_its_body_is_read(
+    client: httpx.AsyncClient,
+) -> None:
+    sent = []
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"a,b\n"
+        for i in range(1000):
+            sent.append(i)
+            yield b"1,2\n" * 1000
+
+    response = await client.post(
+        "/jobs",
+        params={"task": "double", "params": json.dumps({"bogus": 1})},
+        content=body(),
+        headers={"Content-Type": "text/csv"},
+    )
+    await assert_refused(client, response, 422, "bogus")
+    assert len(sent) < 1000  # the answer came before the client had sent it all
+
+
 @pytest.mark.parametrize(
     ("params", "word"),
     [

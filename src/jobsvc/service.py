@@ -187,11 +187,15 @@ class JobService:
             raise files_unavailable(error) from None
         return self.files.new_upload_path()
 
+    def new_upload(self, spec: JobSpec, owner: str = "") -> NewJob:
+        """The job an upload is for, its task and params checked before the body is read: a
+        bad submit costs no upload and no parse."""
+        return self._new_job(spec, owner, "", repo.new_job_id())
+
     async def submit_file(
-        self, spec: JobSpec, path: str, media_type: str, owner: str = ""
+        self, spec: JobSpec, job: NewJob, path: str, media_type: str
     ) -> Submitted:
-        # The task and params are checked first: a bad submit costs no parsing.
-        job = self._new_job(spec, owner, "", repo.new_job_id())
+        """Store ``job`` (from ``new_upload``) with the uploaded file at ``path`` as its input."""
         if self.files is not None:
             return await self._submit_kept_file(spec, job, Path(path), media_type)
         parsed: formats.ParsedUpload = await self.convert(

@@ -200,12 +200,14 @@ def build_jobs_router(runtime: Runtime) -> APIRouter:
                         options[name] = value
                 media = _upload_media_type(upload)
                 spec = _spec(options, request)
+                job = service.new_upload(spec, owner)
                 async with upload_to_file(upload.file, service.upload_path()) as path:
-                    return await service.submit_file(spec, path, media, owner)
+                    return await service.submit_file(spec, job, path, media)
         spec = _spec(options, request)
+        job = service.new_upload(spec, owner)  # refused before a byte of the body is read
         max_bytes = runtime.settings.max_upload_bytes
         async with body_to_file(request, max_bytes, service.upload_path()) as path:
-            return await service.submit_file(spec, path, media, owner)
+            return await service.submit_file(spec, job, path, media)
 
     @router.post(
         "",
