@@ -224,13 +224,13 @@ async def test_prune_removes_files_of_pruned_jobs_and_orphans(
     assert store is not None
     # Left by crashes before their rows committed: an upload cut off, one kept, its copy.
     orphans = [
-        store.root / "upload-0123456789abcdef.partial",
+        store.root / "upload-0123456789abcdef0123456789abcdef.partial",
         store.root / "01930000-0000-7000-8000-000000000000.csv",
         store.root / "01930000-0000-7000-8000-000000000000.cache-0000000000000000.arrow",
         store.root / "01930000-0000-7000-8000-000000000002.result-1.arrow",
     ]
     young_orphan = store.root / "01930000-0000-7000-8000-000000000001.csv"
-    not_ours = store.root / "notes.txt"  # someone else's file in the directory stays
+    not_ours = store.root / "sales.csv"  # someone else's file in the directory stays
     for path in (*orphans, young_orphan, not_ours):
         path.write_bytes(b"left behind")
     an_hour_ago = time.time() - ORPHAN_AGE_SECONDS - 60

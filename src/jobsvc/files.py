@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterable
@@ -46,7 +47,13 @@ ORPHAN_AGE_SECONDS = 3600.0
 RESULT_FILE_MIN_BYTES = 1 << 20
 _SUFFIX = ".arrow"
 # Every file the store writes ends with one of these; nothing else there is ever pruned.
-_OWN_SUFFIXES = (_SUFFIX, ".csv", ".ndjson", ".parquet", ".partial")
+# The names this store gives its files; the prune touches nothing else, so a directory that
+# also holds someone's own CSV files keeps them.
+_OWN_NAME = re.compile(
+    r"upload-[0-9a-f]{32}\.partial"
+    r"|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+    r"\.(?:csv|ndjson|parquet|arrow|cache-[0-9a-z]+\.arrow|result-[0-9]+\.arrow)"
+)
 _PARSED_KINDS = ("csv", "ndjson")  # kept uploads that are parsed, and so have a parsed copy
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
@@ -140,7 +147,7 @@ class FileStore:
         return [
             entry.name
             for entry in os.scandir(self.root)
-            if entry.name.endswith(_OWN_SUFFIXES) and entry.stat().st_mtime < cutoff
+            if _OWN_NAME.fullmatch(entry.name) and entry.stat().st_mtime < cutoff
         ]
 
 
