@@ -46,7 +46,6 @@ ORPHAN_AGE_SECONDS = 3600.0
 # is cheaper as a row than as a file and its fsync.
 RESULT_FILE_MIN_BYTES = 1 << 20
 _SUFFIX = ".arrow"
-# Every file the store writes ends with one of these; nothing else there is ever pruned.
 # The names this store gives its files; the prune touches nothing else, so a directory that
 # also holds someone's own CSV files keeps them.
 _OWN_NAME = re.compile(
@@ -80,9 +79,6 @@ class FileStore:
         if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
             return None
         return cls(Path(url.database).with_name(Path(url.database).name + ".files"))
-
-    def name_for(self, job_id: str) -> str:
-        return job_id + _SUFFIX
 
     def upload_name_for(self, job_id: str, format: str) -> str:
         """An upload kept as it came: ``format`` is 'csv', 'ndjson' or 'parquet'."""

@@ -544,15 +544,11 @@ class Dispatcher:
             self._untrack(attempt)
 
     def _remove_result_file(self, outcome: ResultData | AttemptError) -> None:
-        """Remove the file of a result that will not be stored."""
-        if isinstance(outcome, ResultData) and outcome.path:
-            self._remove_files([outcome.path])
-
-    def _remove_files(self, names: list[str]) -> None:
-        """Remove files no one needs, in a thread and not waited for: unlinking a large file
-        takes the kernel milliseconds."""
-        if self.files is not None:
-            asyncio.get_running_loop().run_in_executor(self._threads, self.files.remove, names)
+        """Remove the file of a result that will not be stored: in a thread and not waited
+        for, since unlinking a large file takes the kernel milliseconds."""
+        if isinstance(outcome, ResultData) and outcome.path and self.files is not None:
+            loop = asyncio.get_running_loop()
+            loop.run_in_executor(self._threads, self.files.remove, [outcome.path])
 
     def _observe(self, task: str, seconds: float, outcome: ResultData | AttemptError) -> None:
         if isinstance(outcome, ResultData):
