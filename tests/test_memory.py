@@ -18,10 +18,12 @@ from jobsvc.formats import CSV, Limits, parse_upload
 path, cache, release = sys.argv[1], sys.argv[2], sys.argv[3] == "release"
 def parse():
     return parse_upload(path, CSV, Limits(10**9, 10**4, 10**6), cache_at=cache)
-parse()  # the first run's imports and caches are no job's
+def job():
+    return worker_process.call_and_release(parse) if release else parse()
+job()  # the first run's imports and caches are no job's
 before = worker_process._resident_bytes()
 for _ in range(2):
-    worker_process.call_and_release(parse) if release else parse()
+    job()
 print(worker_process._resident_bytes() - before)
 """
 
@@ -29,13 +31,14 @@ print(worker_process._resident_bytes() - before)
 def test_a_large_parse_leaves_no_more_resident_memory_behind_than_it_must(
     tmp_path: Path,
 ) -> None:
-    rows = 1_000_000  # about 30 MB: smaller parses stay under the allocators' thresholds
+    rows = 1_000_000  # 30 MB of CSV: smaller parses stay under the allocators' thresholds
     rng = np.random.default_rng(7)
     csv = tmp_path / "big.csv"
     pd.DataFrame(
         {
             "key": np.char.add("key_", rng.integers(0, 1000, rows).astype(str)),
             "x": rng.random(rows).round(6),
+            "y": rng.normal(100, 15, rows).round(4),
             "n": rng.integers(0, 10_000, rows),
         }
     ).to_csv(csv, index=False)
@@ -50,6 +53,7 @@ def test_a_large_parse_leaves_no_more_resident_memory_behind_than_it_must(
         )
         grown[mode] = int(output.stdout.split()[-1])
     mib = {mode: round(value / 2**20) for mode, value in grown.items()}
-    # Kept by the allocators without the release, whatever the exact figure on this machine.
-    assert grown["keep"] > 24 * 2**20, mib
-    assert grown["release"] < grown["keep"] / 2, mib
+    # Without the release the allocators keep about 70 MiB of it (measured here); with it,
+    # less than the growth that makes a process release (16 MiB) stays.
+    assert grown["keep"] > 40 * 2**20, mib
+    assert grown["release"] < 16 * 2**20, mib

@@ -41,7 +41,7 @@ THREAD_LIMITS = {
 }
 _PROGRESS_INTERVAL = 0.2
 FRAME_HEADER = struct.Struct("!Q")  # the length of the pickle that follows
-_RELEASE_AFTER_GROWTH_BYTES = 32 * 1024 * 1024
+_RELEASE_AFTER_GROWTH_BYTES = 16 * 1024 * 1024
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
