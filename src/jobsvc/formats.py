@@ -32,6 +32,7 @@ NDJSON = "application/x-ndjson"
 PARQUET = "application/vnd.apache.parquet"
 JSON_MEDIA = "application/json"
 UPLOAD_TYPES = (CSV, NDJSON, PARQUET)
+TEXT_UPLOADS = (CSV, NDJSON)  # parsed to be checked; Parquet says its shape in its footer
 _ALIASES = {
     "application/csv": CSV,
     "application/jsonl": NDJSON,
@@ -172,11 +173,7 @@ def parse_upload(
     table of a CSV or NDJSON upload at ``cache_at`` as an Arrow file for the worker to map
     (fsynced only when ``durable_cache``; see ``files``).
     """
-    file = Path(path)
-    sha256 = _sha256_of(file) if digest else ""
-    size = file.stat().st_size
-    if size == 0:
-        raise InvalidData("the uploaded file is empty")
+    file, sha256, size = _opened(path, digest)
     if media_type == PARQUET:
         try:
             metadata = pq.read_metadata(file)
@@ -189,15 +186,37 @@ def parse_upload(
             )
         data = file.read_bytes()
         return ParsedUpload("parquet", data, metadata.num_rows, metadata.num_columns, sha256, size)
-    frame = _read_text_table(file, media_type, limits)
     if cache_at is None:
+        frame = _read_text_table(file, media_type, limits)
         data = frame_to_parquet(frame)
         return ParsedUpload("parquet", data, len(frame), len(frame.columns), sha256, len(data))
+    parsed, frame = read_kept_upload(path, media_type, limits, digest=digest)
     table = pa.Table.from_pandas(frame, preserve_index=False)
     write_arrow_file(table, Path(cache_at), durable=durable_cache)
-    return ParsedUpload(
+    return parsed
+
+
+def read_kept_upload(
+    path: str, media_type: str, limits: Limits, *, digest: bool = False
+) -> tuple[ParsedUpload, pd.DataFrame]:
+    """A CSV or NDJSON upload that is kept as a file, parsed and checked: what its
+    ``job_inputs`` row says of it, and its table."""
+    file, sha256, size = _opened(path, digest)
+    frame = _read_text_table(file, media_type, limits)
+    parsed = ParsedUpload(
         stored_format(media_type), None, len(frame), len(frame.columns), sha256, size
     )
+    return parsed, frame
+
+
+def _opened(path: str, digest: bool) -> tuple[Path, str, int]:
+    """An upload's path, its SHA-256 (if asked for) and size; ``InvalidData`` if empty."""
+    file = Path(path)
+    sha256 = _sha256_of(file) if digest else ""
+    size = file.stat().st_size
+    if size == 0:
+        raise InvalidData("the uploaded file is empty")
+    return file, sha256, size
 
 
 def _read_text_table(file: Path, media_type: str, limits: Limits) -> pd.DataFrame:

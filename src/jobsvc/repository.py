@@ -332,6 +332,15 @@ def due_jobs(now: datetime, limit: int) -> Select[tuple[str]]:
     return _due(now, limit)
 
 
+_STARTED = {
+    "status": JobStatus.RUNNING,
+    "attempts": jobs.c.attempts + 1,
+    "lease_owner": bindparam("claimer", type_=String()),
+    "lease_expires_at": _LEASE_UNTIL,
+    "started_at": _AT,
+    "updated_at": _AT,
+    "progress": None,
+}
 _CLAIM = (
     update(jobs)
     .where(
@@ -342,15 +351,18 @@ _CLAIM = (
         ),
         jobs.c.status.in_(sorted(WAITING)),
     )
-    .values(
-        status=JobStatus.RUNNING,
-        attempts=jobs.c.attempts + 1,
-        lease_owner=bindparam("claimer", type_=String()),
-        lease_expires_at=_LEASE_UNTIL,
-        started_at=_AT,
-        updated_at=_AT,
-        progress=None,
+    .values(_STARTED)
+    .returning(*jobs.c)
+)
+# One job by its id, if it is still waiting and due (the job whose upload a worker checked).
+_CLAIM_ONE = (
+    update(jobs)
+    .where(
+        jobs.c.id == bindparam("job_id"),
+        jobs.c.status.in_(sorted(WAITING)),
+        jobs.c.run_at <= bindparam("due_by", type_=UTCDateTime()),
     )
+    .values(_STARTED)
     .returning(*jobs.c)
 )
 _INPUTS = select(job_inputs).where(job_inputs.c.job_id.in_(bindparam("ids", expanding=True)))
@@ -462,6 +474,25 @@ async def claim(
     rows = (await conn.execute(_CLAIM, values)).all()
     await _started(conn, rows, worker, now, events)
     return sorted(rows, key=_claim_order)
+
+
+async def claim_one(
+    conn: AsyncConnection,
+    job_id: str,
+    worker: str,
+    now: datetime,
+    lease_until: datetime,
+    *,
+    events: Events | None = None,
+) -> tuple[JobRow, Any] | None:
+    """``claim_with_inputs`` for the one job ``job_id``; None if it is not waiting and due."""
+    values = {**_claim_values(worker, now, lease_until, 1), "job_id": job_id}
+    rows = (await conn.execute(_CLAIM_ONE, values)).all()
+    if not rows:
+        return None
+    await _started(conn, rows, worker, now, events)
+    inputs = await get_inputs(conn, [job_id])
+    return rows[0], inputs.get(job_id)
 
 
 async def get_inputs(conn: AsyncConnection, job_ids: Sequence[str]) -> dict[str, JobRow]:

@@ -44,7 +44,7 @@ from jobsvc.records import InputData, NewJob
 from jobsvc.settings import Settings
 from jobsvc.tasks import registry
 from jobsvc.tasks.registry import function_path, task_for
-from jobsvc.worker import ConverterPool, Dispatcher
+from jobsvc.worker import ConverterPool, Dispatcher, WorkerProcess
 
 
 @dataclass(frozen=True)
@@ -225,25 +225,21 @@ class JobService:
             raise files_unavailable(error) from None
         # Both before the commit, side by side: the parse that checks the upload, and the
         # disk's flush of it (for a 39 MB CSV, 0.08 s that the parse's 0.15 s now hides).
-        parsing = self.convert(
-            formats.parse_upload,
-            str(path),
-            media_type,
-            self.limits,
-            cache_at=str(files.path(cache)),
-            durable_cache=files.cache_is_durable,
-            digest=spec.idempotency_key is not None,
-        )
+        checking = self._check_kept(job.id, path, media_type, cache, spec)
         flushing = asyncio.to_thread(files.make_durable, kept)
-        outcomes = await asyncio.gather(parsing, flushing, return_exceptions=True)
+        outcomes = await asyncio.gather(checking, flushing, return_exceptions=True)
         failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        checked = outcomes[0]
+        holder = checked[1] if isinstance(checked, tuple) else None
         if failure is not None:
+            if holder is not None:
+                await self._release(holder)
             await files.discard([kept])  # and its parsed copy, if the parse got that far
             if isinstance(failure, OSError):
                 raise files_unavailable(failure) from None
             raise failure
-        parsed = outcomes[0]
-        assert isinstance(parsed, formats.ParsedUpload)
+        assert isinstance(checked, tuple)
+        parsed = checked[0]
         data = InputData(
             parsed.format,
             None,
@@ -254,10 +250,53 @@ class JobService:
         )
         # If the insert fails the files stay: a failed commit may still have committed (a
         # connection lost during COMMIT), and a file no row names is pruned after an hour.
-        submitted = await self._insert(self._bound_to_data(spec, job, parsed), data)
+        try:
+            submitted = await self._insert(self._bound_to_data(spec, job, parsed), data)
+        except BaseException:
+            if holder is not None:
+                await self._release(holder)
+            raise
         if not submitted.created:
+            if holder is not None:
+                await self._release(holder)
             await files.discard([kept])  # an earlier submit's job is the answer: no one's files
+        elif holder is not None and self.dispatcher is not None:
+            await self.dispatcher.run_checked(job.id, holder)
         return submitted
+
+    async def _check_kept(
+        self, job_id: str, path: Path, media_type: str, cache: str, spec: JobSpec
+    ) -> tuple[formats.ParsedUpload, WorkerProcess | None]:
+        """Parse and check a kept upload. A worker process idle now checks a CSV or NDJSON
+        upload and then runs its job with the table it parsed (returned: the process that
+        holds it); else a converter process checks it and leaves the table as the parsed
+        copy ``cache``, for whichever worker runs the job."""
+        digest = spec.idempotency_key is not None
+        due_now = spec.run_at is None or spec.run_at <= self.db.now()
+        checker = None
+        if self.dispatcher is not None and media_type in formats.TEXT_UPLOADS and due_now:
+            checker = self.dispatcher.take_idle()
+        if checker is not None and self.dispatcher is not None:
+            parsed = await self.dispatcher.check_upload(
+                checker, job_id, str(path), media_type, self.limits, digest
+            )
+            if parsed is not None:
+                return parsed, checker
+        assert self.files is not None
+        parsed = await self.convert(
+            formats.parse_upload,
+            str(path),
+            media_type,
+            self.limits,
+            cache_at=str(self.files.path(cache)),
+            durable_cache=self.files.cache_is_durable,
+            digest=digest,
+        )
+        return parsed, None
+
+    async def _release(self, holder: WorkerProcess) -> None:
+        if self.dispatcher is not None:
+            await self.dispatcher.release_checked(holder)
 
     @staticmethod
     def _bound_to_data(spec: JobSpec, job: NewJob, parsed: formats.ParsedUpload) -> NewJob:

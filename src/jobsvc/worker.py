@@ -8,6 +8,12 @@ error, retry or failure) is written in one fenced transaction. The loop sleeps u
 woken (a submit's background task, a retry coming due) or until ``poll_seconds`` pass, which
 is how it sees work submitted by other processes.
 
+A CSV or NDJSON upload is checked (parsed) before its job is stored. When a worker process
+is idle then, the check runs there (``check_upload``) and the process keeps the table; once
+the job is committed, ``run_checked`` claims that one job for that process, which runs it
+with the table it already has: nothing is written for it or read back. Otherwise the API's
+converter processes check the upload and leave the table as a file (see ``files``).
+
 What can go wrong with a worker process, and what the job's record says:
 - the task raises: its exception type, message and traceback;
 - it runs past its timeout: the process is killed, ``TimeoutError``;
@@ -39,7 +45,7 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from jobsvc import logs, retention, worker_process
+from jobsvc import formats, logs, retention, worker_process
 from jobsvc import repository as repo
 from jobsvc.db import Database
 from jobsvc.errors import StorageUnavailable
@@ -209,6 +215,13 @@ class WorkerProcess:
         except (EOFError, OSError):  # asyncio.IncompleteReadError is an EOFError
             await self._join(5)
             return AttemptError("WorkerLost", describe_exit(self.process.exitcode))
+
+    async def ask(self, message: object) -> tuple[str, Any]:
+        """Send ``message`` and wait for the one reply: ``(kind, payload)``. EOFError or
+        OSError if the process dies meanwhile."""
+        await self._send(message)
+        reply: tuple[str, Any] = await self._receive()
+        return reply
 
     async def _send(self, message: object) -> None:
         payload = memoryview(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
@@ -381,6 +394,79 @@ class Dispatcher:
         attempt.aborted = True
         attempt.process.kill()
         return True
+
+    # --- uploads checked where they will run ---------------------------------------------------
+
+    def take_idle(self) -> WorkerProcess | None:
+        """An idle worker process, taken out of the pool for ``check_upload``; None if there
+        is none right now (the upload is then checked by the API's converter processes)."""
+        if self._stopping or self._idle.empty():
+            return None
+        process = self._idle.get_nowait()
+        if not process.alive:
+            self._idle.put_nowait(process)  # the claim loop replaces it
+            return None
+        return process
+
+    async def check_upload(
+        self,
+        process: WorkerProcess,
+        job_id: str,
+        path: str,
+        media_type: str,
+        limits: formats.Limits,
+        digest: bool,
+    ) -> formats.ParsedUpload | None:
+        """Parse and check an upload in ``process`` (from ``take_idle``), which then holds the
+        table for the job: hand it to ``run_checked`` or ``release_checked``. The refusal of a
+        bad upload is raised (the process is back in the pool then); None if the process died
+        meanwhile (out of memory, say: the caller checks the upload elsewhere)."""
+        request = worker_process.CheckRequest(job_id, path, media_type, limits, digest)
+        try:
+            kind, payload = await process.ask(request)
+        except (EOFError, OSError):
+            self._idle.put_nowait(process)  # dead: the claim loop replaces it
+            return None
+        except BaseException:
+            # Stopped while it parses (the service shutting down): its reply would be read
+            # as the answer to the next request, so the process goes.
+            process.kill()
+            self._idle.put_nowait(process)
+            raise
+        if kind == "error":
+            self._idle.put_nowait(process)
+            raise payload
+        parsed: formats.ParsedUpload = payload
+        return parsed
+
+    async def run_checked(self, job_id: str, process: WorkerProcess) -> None:
+        """Start the job whose upload ``process`` checked, there; if it is no longer waiting
+        (another instance took it first), the process lets the table go."""
+        if not process.alive:  # died holding it: the job waits for the claim loop instead
+            self._idle.put_nowait(process)
+            return
+        try:
+            async with self.db.write() as conn:
+                now = self.db.now()
+                lease_until = now + timedelta(seconds=self.settings.lease_seconds)
+                claimed = await repo.claim_one(conn, job_id, self.worker_id, now, lease_until)
+        except Exception:
+            log.exception("claiming job %s for its worker failed; it waits in the queue", job_id)
+            claimed = None
+        if claimed is None:
+            await self.release_checked(process)
+            return
+        job, stored = claimed
+        attempt = self._track(Attempt(job.id, job.attempts, process))
+        attempt.task = asyncio.create_task(
+            self._run(attempt, job, stored), name=f"worker-{process.process.pid}"
+        )
+
+    async def release_checked(self, process: WorkerProcess) -> None:
+        """Give back a process from ``check_upload`` whose job will not run there."""
+        with contextlib.suppress(EOFError, OSError):
+            await process.ask(worker_process.DropRequest())
+        self._idle.put_nowait(process)
 
     # --- recovery ----------------------------------------------------------------------------
 

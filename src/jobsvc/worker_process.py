@@ -1,4 +1,5 @@
-"""The body of a worker process: receive a job, run its task, send back the outcome.
+"""The body of a worker process: receive a job, run its task, send back the outcome; or
+check an upload and hold its table for the job that will run it here next.
 
 Runs in a child process, so pandas never competes with the event loop for the interpreter.
 It does no database work: everything it learns goes back over its socket, and the service
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 
 from jobsvc import formats, logs
@@ -56,6 +58,24 @@ class RunRequest:
     input_path: str | None = None  # a file in the files directory, read instead of sent
     input_cache: str | None = None  # the kept upload's parsed copy, if this boot wrote one
     result_path: str | None = None  # where a large DataFrame result goes, when files are kept
+
+
+@dataclass(frozen=True)
+class CheckRequest:
+    """Parse and check a kept CSV or NDJSON upload for job ``job_id``, and hold its table
+    here for that job's run: the process that checks an upload then runs it, and nothing is
+    copied between the two. The reply is the ``ParsedUpload``, or the error that refuses it."""
+
+    job_id: str
+    path: str
+    media_type: str
+    limits: formats.Limits
+    digest: bool
+
+
+@dataclass(frozen=True)
+class DropRequest:
+    """Forget a held table: its job will not run here (a replayed submit, a failed commit)."""
 
 
 def send_message(sock: socket.socket, message: object) -> None:
@@ -95,7 +115,7 @@ def _progress_sender(sock: socket.socket) -> Any:
     return send
 
 
-def run(request: RunRequest) -> ResultData:
+def run(request: RunRequest, held: pd.DataFrame | None = None) -> ResultData:
     if request.input_format == "call":  # a function queued by add_task, by its import path
         args, kwargs = formats.decode_call(request.input_data or b"")
         function = resolve_function(request.task)
@@ -103,6 +123,8 @@ def run(request: RunRequest) -> ResultData:
     task = registry.get(request.task)
     if task is None:
         raise LookupError(f"no task named {request.task!r} is registered in the worker")
+    if held is not None:  # this process checked the upload: its table is here already
+        return formats.encode_result(task.call(held, request.params), request.result_path)
     frame = formats.load_input(
         request.input_format, request.input_data, request.input_path, request.input_cache
     )
@@ -137,6 +159,8 @@ def main(
     logs.configure(*log)
     import_task_modules(task_modules)
     progress.set_sink(_progress_sender(sock))
+    # A checked upload's job, its table, and this process's size before the check.
+    held: tuple[str, pd.DataFrame, int] | None = None
     while True:
         try:
             request = receive_message(sock)
@@ -145,9 +169,23 @@ def main(
         if request is None:
             return
         resident = _resident_bytes()
+        # One table at a time: whatever this process is asked next ends the one it holds.
+        kept, held = held, None
+        if isinstance(request, CheckRequest | DropRequest):
+            del kept
+            if isinstance(request, CheckRequest):
+                held = _check(sock, request, resident)
+            else:
+                release_memory_above(0)  # the table was the growth: hand it back
+                send_message(sock, ("ok", None))
+            continue
+        table = None
+        if kept is not None and kept[0] == request.job_id:
+            table, resident = kept[1], kept[2]
+        del kept
         try:
             with logs.job_context(request.job_id, request.attempt):
-                outcome = run(request)
+                outcome = run(request, table)
             send_message(sock, ("ok", outcome))
         except BaseException as error:  # a task's SystemExit or MemoryError is its failure too
             failure = AttemptError(
@@ -157,7 +195,23 @@ def main(
                 retryable=not isinstance(error, PermanentError),
             )
             send_message(sock, ("error", failure))
+        table = None
         release_memory_above(resident)
+
+
+def _check(
+    sock: socket.socket, request: CheckRequest, resident: int
+) -> tuple[str, pd.DataFrame, int] | None:
+    """Answer a ``CheckRequest``; what to hold for the job, if the upload passed."""
+    try:
+        parsed, frame = formats.read_kept_upload(
+            request.path, request.media_type, request.limits, digest=request.digest
+        )
+    except Exception as error:  # the refusal (malformed, too large) is the API's answer
+        send_message(sock, ("error", error))
+        return None
+    send_message(sock, ("ok", parsed))
+    return request.job_id, frame, resident
 
 
 def call_and_release(func: Callable[[], Any]) -> Any:
