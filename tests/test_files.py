@@ -378,12 +378,12 @@ class TestASharedFilesDirectory:
         pd.testing.assert_frame_equal(pd.read_csv(io.BytesIO(got.content)), expected)
 
 
-@pytest.mark.parametrize("backend", ["sqlite"])
 async def test_a_worker_that_checked_an_upload_runs_it_with_the_table_it_parsed(
-    settings: Settings,
+    database_url: str, tmp_path: Path
 ) -> None:
     """An idle worker process checks a CSV upload and then runs its job with the table in
     its memory: no parsed copy is written, and the kept file is not read again."""
+    settings = make_settings(database_url, files_dir=str(tmp_path / "files"))
     db = Database(settings)
     dispatcher = Dispatcher(settings, db)
     store = FileStore.for_settings(settings)
