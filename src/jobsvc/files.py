@@ -7,14 +7,15 @@ directory next to the database file, and its ``job_inputs`` row names the file. 
 DataFrame result is written by the worker as an Arrow IPC file, and ``job_results`` names it.
 
 The upload streams into this directory and is fsynced while its check (a full parse) runs,
-so that the disk's write and the parse overlap. When a worker process checked it, that process
-runs the job with the table it parsed. When a converter process did (no worker was idle), it
-leaves the table beside the upload as an Arrow file (``<job id>.cache-<boot>.arrow``) that the
-worker maps instead of parsing again. That copy is not fsynced: it is trusted only during the boot that wrote it (the page
-cache holds all of it until the machine restarts, whatever process dies), and its name
-carries the kernel's boot id, so after a power loss no one opens a torn copy; the worker
-parses the upload instead. The worker deletes the copy once it has read it (a retry parses
-the upload); a copy never read (its job cancelled first) is pruned like an orphan (below).
+so that the disk's write and the parse overlap. When a worker process checked it, that
+process runs the job with the table it parsed. When a converter process did (no worker was
+idle), it leaves the table beside the upload as an Arrow file (``<job id>.cache-<boot>.arrow``)
+that the worker maps instead of parsing again. That copy is not fsynced: it is trusted only
+during the boot that wrote it (the page cache holds all of it until the machine restarts,
+whatever process dies), and its name carries the kernel's boot id, so after a power loss no
+one opens a torn copy; the worker parses the upload instead. The worker deletes the copy once
+it has read it (a retry parses the upload); a copy never read (its job cancelled first) is
+pruned like an orphan (below).
 
 Every kept file is written and fsynced before the row commits. A crash between the two, or a
 commit that fails (whose outcome is not always known: a connection lost during COMMIT),

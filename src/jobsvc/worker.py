@@ -442,7 +442,7 @@ class Dispatcher:
     async def run_checked(self, job_id: str, process: WorkerProcess) -> None:
         """Start the job whose upload ``process`` checked, there; if it is no longer waiting
         (another instance took it first), the process lets the table go."""
-        if not process.alive:  # died holding it: the job waits for the claim loop instead
+        if self._stopping or not process.alive:  # the job waits in the queue for a claim
             self._idle.put_nowait(process)
             return
         try:
@@ -464,7 +464,7 @@ class Dispatcher:
 
     async def release_checked(self, process: WorkerProcess) -> None:
         """Give back a process from ``check_upload`` whose job will not run there."""
-        with contextlib.suppress(EOFError, OSError):
+        with contextlib.suppress(EOFError, OSError, RuntimeError):  # uvloop: a closed socket
             await process.ask(worker_process.DropRequest())
         self._idle.put_nowait(process)
 
