@@ -147,9 +147,13 @@ def frame_to_parquet(frame: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
+# An upload kept as it came: its media type and its ``job_inputs.format``.
+_KEPT_FORMATS = {CSV: "csv", NDJSON: "ndjson", PARQUET: "parquet"}
+
+
 def stored_format(media_type: str) -> str:
     """The ``job_inputs.format`` of an upload kept as it came: 'csv', 'ndjson' or 'parquet'."""
-    kept = {CSV: "csv", NDJSON: "ndjson", PARQUET: "parquet"}.get(media_type)
+    kept = _KEPT_FORMATS.get(media_type)
     if kept is None:
         raise UnsupportedMediaType(
             f"content type {media_type!r} is not accepted; use one of {', '.join(UPLOAD_TYPES)}"
@@ -173,6 +177,11 @@ def parse_upload(
     table of a CSV or NDJSON upload at ``cache_at`` as an Arrow file for the worker to map
     (fsynced only when ``durable_cache``; see ``files``).
     """
+    if cache_at is not None and media_type in TEXT_UPLOADS:
+        parsed, frame = read_kept_upload(path, media_type, limits, digest=digest)
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        write_arrow_file(table, Path(cache_at), durable=durable_cache)
+        return parsed
     file, sha256, size = _opened(path, digest)
     if media_type == PARQUET:
         try:
@@ -186,14 +195,9 @@ def parse_upload(
             )
         data = file.read_bytes()
         return ParsedUpload("parquet", data, metadata.num_rows, metadata.num_columns, sha256, size)
-    if cache_at is None:
-        frame = _read_text_table(file, media_type, limits)
-        data = frame_to_parquet(frame)
-        return ParsedUpload("parquet", data, len(frame), len(frame.columns), sha256, len(data))
-    parsed, frame = read_kept_upload(path, media_type, limits, digest=digest)
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    write_arrow_file(table, Path(cache_at), durable=durable_cache)
-    return parsed
+    frame = _read_text_table(file, media_type, limits)
+    data = frame_to_parquet(frame)
+    return ParsedUpload("parquet", data, len(frame), len(frame.columns), sha256, len(data))
 
 
 def read_kept_upload(
@@ -326,7 +330,7 @@ def decode_call(data: bytes) -> tuple[list[Any], dict[str, Any]]:
 
 # The limits were checked when the upload was accepted; a kept upload is parsed again as is.
 _NO_LIMITS = Limits(max_rows=2**63, max_columns=2**63, max_cell_chars=2**63)
-_KEPT_TEXT = {"csv": CSV, "ndjson": NDJSON}
+_KEPT_TEXT = {kept: media for media, kept in _KEPT_FORMATS.items() if media in TEXT_UPLOADS}
 
 
 def load_input(
