@@ -367,6 +367,7 @@ _CLAIM_ONE = (
 )
 _INPUTS = select(job_inputs).where(job_inputs.c.job_id.in_(bindparam("ids", expanding=True)))
 _RENEW = update(jobs).where(_FENCE).values(lease_expires_at=_LEASE_UNTIL)
+_MARK_STARTED = update(jobs).where(_FENCE).values(started_at=_AT)
 _SAVE_PROGRESS = (
     update(jobs).where(_FENCE).values(progress=bindparam("new_progress"), updated_at=_AT)
 )
@@ -508,6 +509,14 @@ async def renew_lease(
         _RENEW, {**_held_by(job_id, worker, attempt), "lease_until": lease_until}
     )
     return result.rowcount == 1
+
+
+async def mark_started(
+    conn: AsyncConnection, job_id: str, worker: str, attempt: int, now: datetime
+) -> None:
+    """A job claimed ahead for a busy worker process started only now: its start time says
+    when it began to run, not when it was claimed."""
+    await conn.execute(_MARK_STARTED, {**_held_by(job_id, worker, attempt), "at": now})
 
 
 async def save_progress(

@@ -4,9 +4,11 @@ A ``Dispatcher`` owns ``JOBSVC_WORKERS`` long-lived worker processes (forked fro
 process that has pandas imported, so a replacement starts in milliseconds). Its claim loop
 waits for an idle process, claims the next due job in one statement, and hands it over. While
 the attempt runs, a heartbeat renews the job's lease; when it ends, the outcome (result,
-error, retry or failure) is written in one fenced transaction. The loop sleeps until it is
-woken (a submit's background task, a retry coming due) or until ``poll_seconds`` pass, which
-is how it sees work submitted by other processes.
+error, retry or failure) is written in one fenced transaction, which also claims the
+process's next job; after a short job it claims one more, held to start the moment the
+running one ends, so that the process never waits for a commit between jobs. The claim loop
+sleeps until it is woken (a submit's background task, a retry coming due) or until
+``poll_seconds`` pass, which is how it sees work submitted by other processes.
 
 A CSV or NDJSON upload is checked (parsed) before its job is stored. When a worker process
 is idle then, the check runs there (``check_upload``) and the process keeps the table; once
@@ -63,6 +65,9 @@ WORKER_NICENESS = 10
 # sibling (another app in the same process) when both carry this process's pid.
 _LIVE_WORKER_IDS: set[str] = set()
 _WRITE_PIECE_BYTES = 1024 * 1024
+# After a job shorter than this, a worker process's next claim holds one job more, to start
+# the moment the running one ends (``Dispatcher._run``).
+HOLD_AHEAD_BELOW_SECONDS = 1.0
 
 
 def process_context() -> BaseContext:
@@ -289,11 +294,23 @@ def _start_process(context: BaseContext, settings: Settings) -> tuple[BaseProces
 
 @dataclass
 class Attempt:
-    job_id: str
-    number: int
+    """A claimed job on one worker process: running there, or held to run next."""
+
+    job: repo.JobRow
+    stored: repo.JobRow | None  # its input row, None without one
     process: WorkerProcess
     aborted: bool = False
+    started: bool = False  # sent to its process (a held attempt waits for the one before)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    heartbeat: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def job_id(self) -> str:
+        return str(self.job.id)
+
+    @property
+    def number(self) -> int:
+        return int(self.job.attempts)
 
 
 class Dispatcher:
@@ -392,7 +409,8 @@ class Dispatcher:
         if attempt is None:
             return False
         attempt.aborted = True
-        attempt.process.kill()
+        if attempt.started:  # one held ahead is dropped when its turn comes
+            attempt.process.kill()
         return True
 
     # --- uploads checked where they will run ---------------------------------------------------
@@ -456,11 +474,7 @@ class Dispatcher:
         if claimed is None:
             await self.release_checked(process)
             return
-        job, stored = claimed
-        attempt = self._track(Attempt(job.id, job.attempts, process))
-        attempt.task = asyncio.create_task(
-            self._run(attempt, job, stored), name=f"worker-{process.process.pid}"
-        )
+        self._start_run(Attempt(*claimed, process))
 
     async def release_checked(self, process: WorkerProcess) -> None:
         """Give back a process from ``check_upload`` whose job will not run there."""
@@ -553,10 +567,7 @@ class Dispatcher:
                 log.exception("claiming jobs failed; trying again shortly")
                 claimed = []
             for process, (job, stored) in zip(idle, claimed, strict=False):
-                attempt = self._track(Attempt(job.id, job.attempts, process))
-                attempt.task = asyncio.create_task(
-                    self._run(attempt, job, stored), name=f"worker-{process.process.pid}"
-                )
+                self._start_run(Attempt(job, stored, process))
             for process in idle[len(claimed) :]:
                 self._idle.put_nowait(process)
             if len(claimed) < len(idle):  # nothing more is due: sleep until told or polled
@@ -564,29 +575,71 @@ class Dispatcher:
                     await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
 
     def _track(self, attempt: Attempt) -> Attempt:
+        """From its claim until its outcome is written: abortable, and its lease renewed."""
         self.running[attempt.job_id] = attempt
+        attempt.heartbeat = asyncio.create_task(self._heartbeat(attempt))
         return attempt
 
     def _untrack(self, attempt: Attempt) -> None:
+        if attempt.heartbeat is not None:
+            attempt.heartbeat.cancel()
         # A retried job may already run again as a newer attempt: remove only our own.
         if self.running.get(attempt.job_id) is attempt:
             del self.running[attempt.job_id]
 
-    async def _run(self, attempt: Attempt, job: repo.JobRow, stored: repo.JobRow | None) -> None:
-        """Run jobs on one worker process until none is due: each attempt's outcome and the
-        claim of the process's next job share one transaction, so a busy queue costs one
-        commit per job and the process never waits for the claim loop."""
-        process = attempt.process
-        next_job: tuple[repo.JobRow, repo.JobRow | None] | None = (job, stored)
+    def _start_run(self, attempt: Attempt) -> None:
+        self._track(attempt)
+        name = f"worker-{attempt.process.process.pid}"
+        attempt.task = asyncio.create_task(self._run(attempt), name=name)
+
+    async def _run(self, first: Attempt) -> None:
+        """Run jobs on one worker process until none is due.
+
+        The outcome of each attempt and the claim of the process's next jobs share one
+        transaction, so a busy queue costs one commit per job. After a short job, the claim
+        takes one job more than the process needs, held to run next: when an attempt ends,
+        the held one starts at once and the commit overlaps it, instead of the process
+        waiting for the commit between jobs. A long job holds nothing ahead, so no job
+        waits behind it while another process could be free for it.
+        """
+        process = first.process
+        current: Attempt | None = first
+        held: Attempt | None = None
+        running: asyncio.Task[tuple[ResultData | AttemptError, float]] | None
+        running = self._begin(first)
         try:
-            while next_job is not None:
-                job, stored = next_job
-                if attempt.job_id != job.id:
-                    attempt = self._track(Attempt(job.id, job.attempts, process))
+            while current is not None and running is not None:
+                outcome, seconds = await running
+                finished, current, running = current, None, None
+                going_on = not self._stopping and process.alive
+                if finished.aborted:
+                    self._remove_result_file(outcome)
+                    self._untrack(finished)
+                    break
+                if held is not None and held.aborted:  # cancelled before its turn
+                    self._untrack(held)
+                    held = None
+                if held is not None and going_on:
+                    current, held = held, None
+                    running = self._begin(current)
+                # One job for the process if none is held for it, and one to hold if the jobs
+                # are short.
+                wanted = int(current is None) + int(seconds < HOLD_AHEAD_BELOW_SECONDS)
+                claimed = await self._finish(
+                    finished, outcome, seconds, claim=wanted if going_on else 0, started=current
+                )
+                for attempt in claimed:
+                    self._track(attempt)
                     attempt.task = asyncio.current_task()
-                with logs.job_context(job.id, job.attempts):
-                    next_job = await self._run_attempt(attempt, job, stored)
+                    if current is None:
+                        current = attempt
+                        running = self._begin(current)
+                    else:
+                        held = attempt
         finally:
+            for left in (current, held):
+                if left is not None and not left.started:
+                    await self._hand_back(left)
             if not process.alive and not self._stopping:
                 process = await self._replace(process)
             self._idle.put_nowait(process)
@@ -603,31 +656,59 @@ class Dispatcher:
                 log.exception("cannot start a worker process; trying again in 1 s")
                 await asyncio.sleep(1)
 
-    async def _run_attempt(
-        self, attempt: Attempt, job: repo.JobRow, stored: repo.JobRow | None
-    ) -> tuple[repo.JobRow, repo.JobRow | None] | None:
-        """One attempt; returns the next job claimed for the same process, if any."""
-        heartbeat = asyncio.create_task(self._heartbeat(attempt))
-        started = time.monotonic()
+    def _begin(self, attempt: Attempt) -> asyncio.Task[tuple[ResultData | AttemptError, float]]:
+        """Send the attempt to its process; the task gives its outcome and how long it ran."""
+        attempt.started = True
+
+        async def timed() -> tuple[ResultData | AttemptError, float]:
+            started = time.monotonic()
+            outcome = await self._execute(attempt)
+            return outcome, time.monotonic() - started
+
+        with logs.job_context(attempt.job_id, attempt.number):  # the task copies the context
+            return asyncio.create_task(timed())
+
+    async def _finish(
+        self,
+        attempt: Attempt,
+        outcome: ResultData | AttemptError,
+        seconds: float,
+        *,
+        claim: int,
+        started: Attempt | None,
+    ) -> list[Attempt]:
+        """Write the outcome, with ``claim`` more jobs claimed for the same process (the ones
+        it runs next) in the same transaction."""
         try:
-            outcome = await self._execute(attempt, job, stored)
-            heartbeat.cancel()
-            if attempt.aborted:
-                self._remove_result_file(outcome)
-                return None
-            keep_going = not self._stopping and attempt.process.alive
-            # Should recording fail, a result file stays: the commit may have happened all
-            # the same (a connection lost during COMMIT); the prune removes it if no row does.
-            next_job = await self._record(job, outcome, claim_next=keep_going)
-            self._observe(job.task, time.monotonic() - started, outcome)
-            return next_job
+            with logs.job_context(attempt.job_id, attempt.number):
+                # Should recording fail, a result file stays: the commit may have happened
+                # all the same (a connection lost during COMMIT); the prune removes it if no
+                # row does.
+                claimed = await self._record(attempt, outcome, claim=claim, started=started)
         except Exception:
-            # The job keeps its lease; when the lease expires a sweep retries it.
-            log.exception("job %s attempt %d: recording its outcome failed", job.id, job.attempts)
-            return None
-        finally:
-            heartbeat.cancel()
-            self._untrack(attempt)
+            # The job keeps its lease until it expires; then a sweep retries it.
+            log.exception(
+                "job %s attempt %d: recording its outcome failed", attempt.job_id, attempt.number
+            )
+            claimed = []
+        self._untrack(attempt)
+        self._observe(attempt.job.task, seconds, outcome)
+        return [Attempt(job, stored, attempt.process) for job, stored in claimed]
+
+    async def _hand_back(self, attempt: Attempt) -> None:
+        """Put a job held for a process back in the queue, uncounted (its process died, or
+        the service stops, before its turn)."""
+        self._untrack(attempt)
+        if attempt.aborted:  # cancelled or taken over: no longer ours to give back
+            return
+        try:
+            async with self.db.write() as conn:
+                await repo.release(
+                    conn, attempt.job_id, self.worker_id, attempt.number, self.db.now()
+                )
+        except Exception:  # its lease expires, and a sweep queues it again
+            log.exception("handing back job %s failed", attempt.job_id)
+        self.notify()
 
     def _remove_result_file(self, outcome: ResultData | AttemptError) -> None:
         """Remove the file of a result that will not be stored: in a thread and not waited
@@ -642,9 +723,8 @@ class Dispatcher:
         else:
             self.metrics.observe_attempt(task, seconds, "failed", outcome.type)
 
-    async def _execute(
-        self, attempt: Attempt, job: repo.JobRow, stored: repo.JobRow | None
-    ) -> ResultData | AttemptError:
+    async def _execute(self, attempt: Attempt) -> ResultData | AttemptError:
+        job, stored = attempt.job, attempt.stored
         input_path, input_cache = self._input_files(job.id, stored)
         request = worker_process.RunRequest(
             job_id=job.id,
@@ -685,10 +765,16 @@ class Dispatcher:
         )
 
     async def _record(
-        self, job: repo.JobRow, outcome: ResultData | AttemptError, *, claim_next: bool
-    ) -> tuple[repo.JobRow, repo.JobRow | None] | None:
-        """Write the attempt's outcome (fenced) and, in the same transaction, claim the
-        process's next job when asked."""
+        self,
+        attempt: Attempt,
+        outcome: ResultData | AttemptError,
+        *,
+        claim: int,
+        started: Attempt | None,
+    ) -> list[tuple[repo.JobRow, repo.JobRow | None]]:
+        """Write the attempt's outcome (fenced) and, in the same transaction, claim ``claim``
+        jobs for its process and note the start of the held one that ``started`` now."""
+        job = attempt.job
         now = self.db.now()
         retry_at = None
         events: repo.Events = []  # both jobs' events in one statement: a round trip less
@@ -715,11 +801,13 @@ class Dispatcher:
                     retry_at,
                     events=events,
                 )
-            claimed = await self._claim_in(conn, 1, events) if claim_next else []
+            if started is not None:
+                await repo.mark_started(conn, started.job_id, self.worker_id, started.number, now)
+            claimed = await self._claim_in(conn, claim, events) if claim else []
             await repo.add_events(conn, events)
         if retry_at is not None:
             asyncio.get_running_loop().call_later((retry_at - now).total_seconds(), self.notify)
-        return claimed[0] if claimed else None
+        return claimed
 
     async def _heartbeat(self, attempt: Attempt) -> None:
         interval = self.settings.lease_seconds / 3
