@@ -81,6 +81,7 @@ class Database:
         self.inline_reader: Engine | None = None
         self.engine: AsyncEngine | None = None
         self._commit_thread: ThreadPoolExecutor | None = None
+        self._writer_conn: Connection | None = None
         if self.dialect != "sqlite":
             self.engine = create_async_engine(self.url, pool_size=10, max_overflow=10)
             return
@@ -140,31 +141,46 @@ class Database:
     async def _inline_write(self, engine: Engine) -> AsyncIterator[AsyncConnection]:
         deadline = time.monotonic() + self.busy_timeout_seconds
         pause = 0.001
+        # Writes take turns, so one connection serves them all: kept open between
+        # transactions (a pool checkout and check-in cost a busy queue a tenth of each job's
+        # commit), and closed after any error, so the next write starts on a fresh one.
         try:
-            with engine.connect() as sync_conn:
-                while True:
-                    try:
-                        sync_conn.exec_driver_sql("BEGIN IMMEDIATE")
-                        break
-                    except OperationalError as error:
-                        if not isinstance(translate(error), DatabaseBusy):
-                            raise
-                        sync_conn.rollback()
-                        if time.monotonic() >= deadline:
-                            raise
-                        await asyncio.sleep(pause)  # another process writes: wait, not block
-                        pause = min(pause * 2, 0.05)
+            if self._writer_conn is None:
+                self._writer_conn = engine.connect()
+            sync_conn = self._writer_conn
+            while True:
                 try:
-                    yield cast(AsyncConnection, InlineConnection(sync_conn))
-                except BaseException:
-                    sync_conn.exec_driver_sql("ROLLBACK")
-                    raise
-                if self._commit_thread is None:
-                    sync_conn.exec_driver_sql("COMMIT")
-                else:
-                    await _finish_in(self._commit_thread, sync_conn.exec_driver_sql, "COMMIT")
-        except DBAPIError as error:
-            raise _inline_fault(engine, error) from error
+                    sync_conn.exec_driver_sql("BEGIN IMMEDIATE")
+                    break
+                except OperationalError as error:
+                    if not isinstance(translate(error), DatabaseBusy):
+                        raise
+                    sync_conn.rollback()
+                    if time.monotonic() >= deadline:
+                        raise
+                    await asyncio.sleep(pause)  # another process writes: wait, not block
+                    pause = min(pause * 2, 0.05)
+            try:
+                yield cast(AsyncConnection, InlineConnection(sync_conn))
+            except BaseException:
+                sync_conn.exec_driver_sql("ROLLBACK")
+                raise
+            if self._commit_thread is None:
+                sync_conn.exec_driver_sql("COMMIT")
+            else:
+                await _finish_in(self._commit_thread, sync_conn.exec_driver_sql, "COMMIT")
+            sync_conn.commit()  # ends SQLAlchemy's own record of a transaction; SQL is done
+        except BaseException as error:
+            self._close_writer_connection()
+            if isinstance(error, DBAPIError):
+                raise _inline_fault(engine, error) from error
+            raise
+
+    def _close_writer_connection(self) -> None:
+        conn, self._writer_conn = self._writer_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # a broken connection is dropped all the same
+                conn.close()
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -194,6 +210,7 @@ class Database:
             await conn.exec_driver_sql("SELECT 1")
 
     async def dispose(self) -> None:
+        self._close_writer_connection()
         if self.engine is not None:
             await self.engine.dispose()
         for engine in (self.inline_reader, self.inline_writer):

@@ -349,7 +349,8 @@ _CLAIM = (
             .with_for_update(skip_locked=True)
             .scalar_subquery()
         ),
-        jobs.c.status.in_(sorted(WAITING)),
+        # Literal SQL: an IN list of parameters is rendered anew at every execution.
+        text(IS_WAITING),
     )
     .values(_STARTED)
     .returning(*jobs.c)
@@ -359,13 +360,14 @@ _CLAIM_ONE = (
     update(jobs)
     .where(
         jobs.c.id == bindparam("job_id"),
-        jobs.c.status.in_(sorted(WAITING)),
+        text(IS_WAITING),
         jobs.c.run_at <= bindparam("due_by", type_=UTCDateTime()),
     )
     .values(_STARTED)
     .returning(*jobs.c)
 )
 _INPUTS = select(job_inputs).where(job_inputs.c.job_id.in_(bindparam("ids", expanding=True)))
+_INPUT = select(job_inputs).where(job_inputs.c.job_id == bindparam("id"))  # compiled once
 _RENEW = update(jobs).where(_FENCE).values(lease_expires_at=_LEASE_UNTIL)
 _MARK_STARTED = update(jobs).where(_FENCE).values(started_at=_AT)
 _SAVE_PROGRESS = (
@@ -497,7 +499,10 @@ async def claim_one(
 
 
 async def get_inputs(conn: AsyncConnection, job_ids: Sequence[str]) -> dict[str, JobRow]:
-    rows = (await conn.execute(_INPUTS, {"ids": list(job_ids)})).all()
+    if len(job_ids) == 1:  # a busy worker's next job: the usual case
+        rows = (await conn.execute(_INPUT, {"id": job_ids[0]})).all()
+    else:
+        rows = (await conn.execute(_INPUTS, {"ids": list(job_ids)})).all()
     return {row.job_id: row for row in rows}
 
 

@@ -230,7 +230,12 @@ class WorkerProcess:
 
     async def _send(self, message: object) -> None:
         payload = memoryview(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-        self._writer.write(worker_process.FRAME_HEADER.pack(len(payload)))
+        header = worker_process.FRAME_HEADER.pack(len(payload))
+        if len(payload) <= worker_process.SMALL_MESSAGE_BYTES:  # a job's request, mostly
+            self._writer.write(header + payload)
+            await self._writer.drain()
+            return
+        self._writer.write(header)
         # A piece at a time, each drained before the next: handed over whole, a large input
         # would be copied into the transport's buffer at once, stalling the loop meanwhile.
         for start in range(0, len(payload), _WRITE_PIECE_BYTES):

@@ -43,6 +43,7 @@ THREAD_LIMITS = {
 }
 _PROGRESS_INTERVAL = 0.2
 FRAME_HEADER = struct.Struct("!Q")  # the length of the pickle that follows
+SMALL_MESSAGE_BYTES = 64 * 1024  # sent with its header in one write (a copy this size is free)
 _RELEASE_AFTER_GROWTH_BYTES = 16 * 1024 * 1024
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
@@ -80,8 +81,12 @@ class DropRequest:
 
 def send_message(sock: socket.socket, message: object) -> None:
     payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    header = FRAME_HEADER.pack(len(payload))
+    if len(payload) <= SMALL_MESSAGE_BYTES:
+        sock.sendall(header + payload)  # one system call, and one wake-up of the service
+        return
     # Two writes: joining header and payload would copy a large result, under the memory cap.
-    sock.sendall(FRAME_HEADER.pack(len(payload)))
+    sock.sendall(header)
     sock.sendall(payload)
 
 
