@@ -40,7 +40,6 @@ from jobsvc.models import (
     IS_RUNNING,
     IS_WAITING,
     TERMINAL,
-    WAITING,
     JobStatus,
     UTCDateTime,
     job_events,
