@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from asgi_lifespan import LifespanManager
 from sqlalchemy import func, select, update
 
@@ -225,6 +226,33 @@ async def test_a_graceful_stop_hands_running_jobs_back_uncounted(
         async with httpx.AsyncClient(transport=transport, base_url="http://jobsvc") as client:
             done = await wait_for_status(client, job["id"])
             assert (done["status"], done["attempts"]) == ("succeeded", 1)
+
+
+async def test_a_fault_in_the_runner_itself_loses_the_attempt_not_the_job(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not a task's failure but the runner's own (a bug, say): the job must not stay
+    # `running` with a lease renewed for ever; it expires, and a sweep retries the job.
+    real_execute = Dispatcher._execute
+    faults = iter([RuntimeError("the runner broke")])
+
+    async def execute_once_broken(self: Dispatcher, attempt: Any) -> Any:
+        fault = next(faults, None)
+        if fault is not None:
+            raise fault
+        return await real_execute(self, attempt)
+
+    monkeypatch.setattr(Dispatcher, "_execute", execute_once_broken)
+    settings = make_settings(database_url, lease_seconds=1.0)
+    app = create_app(settings, migrate_on_start=False)
+    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://jobsvc") as client:
+            job = await submit(client, "double", data=[{"a": 1}])
+            done = await wait_for_status(client, job["id"], timeout=20)
+            assert (done["status"], done["attempts"]) == ("succeeded", 2)
+            follow = await submit(client, "double", data=[{"a": 2}])
+            assert (await wait_for_status(client, follow["id"]))["status"] == "succeeded"
 
 
 async def test_cancelling_a_running_job_stops_its_process(

@@ -614,8 +614,18 @@ class Dispatcher:
         running = self._begin(first)
         try:
             while current is not None and running is not None:
-                outcome, seconds = await running
-                finished, current, running = current, None, None
+                finished, current = current, None
+                try:
+                    outcome, seconds = await running
+                except Exception:
+                    # Not the task's failure (that is an outcome): the job keeps its lease
+                    # until it expires, and then a sweep retries it.
+                    log.exception(
+                        "job %s attempt %d: running it failed", finished.job_id, finished.number
+                    )
+                    self._untrack(finished)
+                    break
+                running = None
                 going_on = not self._stopping and process.alive
                 if finished.aborted:
                     self._remove_result_file(outcome)
