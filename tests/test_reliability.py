@@ -236,11 +236,11 @@ async def test_a_fault_in_the_runner_itself_loses_the_attempt_not_the_job(
     real_execute = Dispatcher._execute
     faults = iter([RuntimeError("the runner broke")])
 
-    async def execute_once_broken(self: Dispatcher, attempt: Any) -> Any:
+    async def execute_once_broken(self: Dispatcher, attempt: Any, *args: Any) -> Any:
         fault = next(faults, None)
         if fault is not None:
             raise fault
-        return await real_execute(self, attempt)
+        return await real_execute(self, attempt, *args)
 
     monkeypatch.setattr(Dispatcher, "_execute", execute_once_broken)
     settings = make_settings(database_url, lease_seconds=1.0)
@@ -251,8 +251,12 @@ async def test_a_fault_in_the_runner_itself_loses_the_attempt_not_the_job(
             job = await submit(client, "double", data=[{"a": 1}])
             done = await wait_for_status(client, job["id"], timeout=20)
             assert (done["status"], done["attempts"]) == ("succeeded", 2)
-            follow = await submit(client, "double", data=[{"a": 2}])
+            # Its process may have run the broken attempt all the same: the next job must get
+            # its own outcome, not that attempt's reply.
+            follow = await submit(client, "double", data=[{"a": 21}])
             assert (await wait_for_status(client, follow["id"]))["status"] == "succeeded"
+            result = await client.get(f"/jobs/{follow['id']}/result")
+            assert result.json() == [{"a": 42}]
 
 
 async def test_cancelling_a_running_job_stops_its_process(

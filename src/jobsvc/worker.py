@@ -65,6 +65,8 @@ WORKER_NICENESS = 10
 # sibling (another app in the same process) when both carry this process's pid.
 _LIVE_WORKER_IDS: set[str] = set()
 _WRITE_PIECE_BYTES = 1024 * 1024
+# An input this small may fit a message sent at once (``WorkerProcess.send_now``).
+_SEND_NOW_BYTES = worker_process.SMALL_MESSAGE_BYTES
 # After a job shorter than this, a worker process's next claim holds one job more, to start
 # the moment the running one ends (``Dispatcher._run``).
 HOLD_AHEAD_BELOW_SECONDS = 1.0
@@ -178,6 +180,11 @@ class WorkerProcess:
         with contextlib.suppress(ProcessLookupError, ValueError):
             self.process.kill()
 
+    async def stop_now(self) -> None:
+        """Kill the process and wait until it is gone, so that ``alive`` is false."""
+        self.kill()
+        await self._join(5)
+
     async def close(self) -> None:
         if self.alive and not self._writer.is_closing():
             # Asks the process to exit. Its socket may break meanwhile: uvloop then raises
@@ -198,9 +205,12 @@ class WorkerProcess:
         request: worker_process.RunRequest,
         on_progress: Callable[[float], Awaitable[None]],
         timeout: float | None,  # noqa: ASYNC109 - the task's own limit, enforced by killing
+        *,
+        sent: bool = False,  # by ``send_now``
     ) -> ResultData | AttemptError:
         try:
-            await self._send(request)
+            if not sent:
+                await self._send(request)
             async with asyncio.timeout(timeout):
                 while True:
                     kind, payload = await self._receive()
@@ -210,8 +220,7 @@ class WorkerProcess:
                     outcome: ResultData | AttemptError = payload
                     return outcome
         except TimeoutError:
-            self.kill()
-            await self._join(5)  # so ``alive`` is false and the process is replaced
+            await self.stop_now()  # and the process is replaced
             return AttemptError(
                 "TimeoutError",
                 f"the task ran longer than its {timeout:g} s timeout; its worker process was "
@@ -220,6 +229,21 @@ class WorkerProcess:
         except (EOFError, OSError):  # asyncio.IncompleteReadError is an EOFError
             await self._join(5)
             return AttemptError("WorkerLost", describe_exit(self.process.exitcode))
+
+    def send_now(self, request: worker_process.RunRequest) -> bool:
+        """Write a job's request to the socket at once, without waiting for the loop: True if
+        it went; False for a large input, or a socket that cannot take it (``run`` sends it
+        then, and meets the same fault)."""
+        if request.input_data is not None and len(request.input_data) > _SEND_NOW_BYTES:
+            return False
+        payload = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+        if len(payload) > worker_process.SMALL_MESSAGE_BYTES or self._writer.is_closing():
+            return False
+        try:
+            self._writer.write(worker_process.FRAME_HEADER.pack(len(payload)) + payload)
+        except (OSError, RuntimeError):  # uvloop: RuntimeError for a closed socket
+            return False
+        return True
 
     async def ask(self, message: object) -> tuple[str, Any]:
         """Send ``message`` and wait for the one reply: ``(kind, payload)``. EOFError or
@@ -619,11 +643,13 @@ class Dispatcher:
                     outcome, seconds = await running
                 except Exception:
                     # Not the task's failure (that is an outcome): the job keeps its lease
-                    # until it expires, and then a sweep retries it.
+                    # until it expires, and then a sweep retries it. The process may still
+                    # run it, and its reply would be read as the next job's: it is replaced.
                     log.exception(
                         "job %s attempt %d: running it failed", finished.job_id, finished.number
                     )
                     self._untrack(finished)
+                    await process.stop_now()
                     break
                 running = None
                 going_on = not self._stopping and process.alive
@@ -672,12 +698,18 @@ class Dispatcher:
                 await asyncio.sleep(1)
 
     def _begin(self, attempt: Attempt) -> asyncio.Task[tuple[ResultData | AttemptError, float]]:
-        """Send the attempt to its process; the task gives its outcome and how long it ran."""
+        """Send the attempt to its process; the task gives its outcome and how long it ran.
+
+        A small request is written here and now, not when the task first runs: after this
+        the caller records the previous job's outcome, and the process would wait for that.
+        """
         attempt.started = True
+        request = self._request_for(attempt)
+        sent = attempt.process.send_now(request)
 
         async def timed() -> tuple[ResultData | AttemptError, float]:
             started = time.monotonic()
-            outcome = await self._execute(attempt)
+            outcome = await self._execute(attempt, request, sent)
             return outcome, time.monotonic() - started
 
         with logs.job_context(attempt.job_id, attempt.number):  # the task copies the context
@@ -738,10 +770,10 @@ class Dispatcher:
         else:
             self.metrics.observe_attempt(task, seconds, "failed", outcome.type)
 
-    async def _execute(self, attempt: Attempt) -> ResultData | AttemptError:
+    def _request_for(self, attempt: Attempt) -> worker_process.RunRequest:
         job, stored = attempt.job, attempt.stored
         input_path, input_cache = self._input_files(job.id, stored)
-        request = worker_process.RunRequest(
+        return worker_process.RunRequest(
             job_id=job.id,
             attempt=job.attempts,
             task=job.task,
@@ -757,6 +789,11 @@ class Dispatcher:
             ),
         )
 
+    async def _execute(
+        self, attempt: Attempt, request: worker_process.RunRequest, sent: bool
+    ) -> ResultData | AttemptError:
+        job = attempt.job
+
         async def on_progress(value: float) -> None:
             async with self.db.write() as conn:
                 held = await repo.save_progress(
@@ -765,7 +802,7 @@ class Dispatcher:
             if not held:
                 self.abort(job.id)
 
-        return await attempt.process.run(request, on_progress, job.timeout_seconds)
+        return await attempt.process.run(request, on_progress, job.timeout_seconds, sent=sent)
 
     def _input_files(
         self, job_id: str, stored: repo.JobRow | None
