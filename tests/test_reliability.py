@@ -6,7 +6,9 @@ paused worker would leave it) and check what the repository and dispatcher make 
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -257,6 +259,45 @@ async def test_a_fault_in_the_runner_itself_loses_the_attempt_not_the_job(
             assert (await wait_for_status(client, follow["id"]))["status"] == "succeeded"
             result = await client.get(f"/jobs/{follow['id']}/result")
             assert result.json() == [{"a": 42}]
+
+
+async def test_a_job_claimed_while_its_process_is_taken_goes_back_uncounted(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The claim loop leaves idle processes in the pool while it claims, so the API may take
+    # one meanwhile (to check an upload, to render a result): the job it claimed for that
+    # process then goes back to the queue, its attempt uncounted, and runs later.
+    real_claim = Dispatcher._claim
+    taken: list[Any] = []
+
+    async def claim_then_the_api_takes_the_process(self: Dispatcher, limit: int) -> Any:
+        claimed = await real_claim(self, limit)
+        if claimed and not taken:
+            taken.append(self.take_idle())
+        return claimed
+
+    monkeypatch.setattr(Dispatcher, "_claim", claim_then_the_api_takes_the_process)
+    settings = make_settings(database_url, lease_seconds=300.0)  # no rescue by a sweep
+    app = create_app(settings, migrate_on_start=False)
+    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://jobsvc") as client:
+            job = await submit(client, "double", data=[{"a": 1}])
+            deadline = time.monotonic() + 20
+            while (history := await statuses(client, job["id"])) != ["queued", "running", "queued"]:
+                assert time.monotonic() < deadline, history
+                await asyncio.sleep(0.01)
+            assert (await client.get(f"/jobs/{job['id']}")).json()["attempts"] == 0
+            assert taken[0] is not None
+            app.state.queue.service.dispatcher._idle.put_nowait(taken[0])
+            done = await wait_for_status(client, job["id"], timeout=20)
+            assert (done["status"], done["attempts"]) == ("succeeded", 1)
+
+
+async def statuses(client: httpx.AsyncClient, job_id: str) -> list[str]:
+    response = await client.get(f"/jobs/{job_id}/events")
+    assert response.status_code == 200, response.text
+    return [event["status"] for event in response.json()]
 
 
 async def test_cancelling_a_running_job_stops_its_process(

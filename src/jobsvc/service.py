@@ -128,8 +128,14 @@ class JobService:
         )
 
     async def convert(self, func: Any, *args: Any, **kwargs: Any) -> Any:
-        """``func(*args, **kwargs)`` in a converter process: CPU work on a request's data."""
-        return await self.converter.run(functools.partial(func, *args, **kwargs))
+        """``func(*args, **kwargs)`` off the event loop: CPU work on a request's data. An idle
+        worker process does it if there is one; else a converter process."""
+        call = functools.partial(func, *args, **kwargs)
+        if self.dispatcher is not None:
+            done, value = await self.dispatcher.convert_on_idle(call)
+            if done:
+                return value
+        return await self.converter.run(call)
 
     # --- submit ------------------------------------------------------------------------------
 

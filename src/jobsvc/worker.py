@@ -14,7 +14,11 @@ A CSV or NDJSON upload is checked (parsed) before its job is stored. When a work
 is idle then, the check runs there (``check_upload``) and the process keeps the table; once
 the job is committed, ``run_checked`` claims that one job for that process, which runs it
 with the table it already has: nothing is written for it or read back. Otherwise the API's
-converter processes check the upload and leave the table as a file (see ``files``).
+converter processes check the upload and leave the table as a file (see ``files``). The
+API's other conversions (rendering a result, parsing a large JSON body) run on an idle worker
+process the same way (``convert_on_idle``), so that a converter process is started only
+while every worker is busy. Idle processes stay in the pool while the claim loop claims, for
+that reason; a job claimed for one taken meanwhile goes back to the queue, uncounted.
 
 What can go wrong with a worker process, and what the job's record says:
 - the task raises: its exception type, message and traceback;
@@ -31,6 +35,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -368,6 +373,7 @@ class Dispatcher:
         self._loops: list[asyncio.Task[None]] = []
         self._listener: JobListener | None = None
         self._stopping = False
+        self._found_nothing_at = -math.inf  # when a runner's claim last found no job due
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -486,6 +492,30 @@ class Dispatcher:
         parsed: formats.ParsedUpload = payload
         return parsed
 
+    async def convert_on_idle(self, func: Callable[[], Any]) -> tuple[bool, Any]:
+        """``func()`` on an idle worker process, for the API: ``(True, its value)``, or
+        ``(False, None)`` when none is idle or it died meanwhile (the caller runs it in a
+        converter process then). Its error is raised. A worker process that is idle anyway
+        does this work, instead of a converter process started, and kept, for it."""
+        process = self.take_idle()
+        if process is None:
+            return False, None
+        try:
+            kind, payload = await process.ask(worker_process.ConvertRequest(func))
+        except (EOFError, OSError):
+            self._idle.put_nowait(process)  # dead: the claim loop replaces it
+            return False, None
+        except BaseException:
+            process.kill()  # stopped meanwhile: its late reply must not answer a job
+            self._idle.put_nowait(process)
+            raise
+        self._idle.put_nowait(process)
+        if kind == "error":
+            if isinstance(payload, MemoryError):  # the worker's memory cap: not the data's fault
+                return False, None
+            raise payload
+        return True, payload
+
     async def run_checked(self, job_id: str, process: WorkerProcess) -> None:
         """Start the job whose upload ``process`` checked, there; if it is no longer waiting
         (another instance took it first), the process lets the table go."""
@@ -579,27 +609,39 @@ class Dispatcher:
 
     async def _claim_loop(self) -> None:
         while not self._stopping:
-            # Every idle process at once: one transaction (one disk flush) claims for all.
+            # Processes stay in the pool until a claimed job is theirs: meanwhile the API's
+            # conversions and upload checks find them there.
             idle = [await self._idle.get()]
             while not self._idle.empty():
                 idle.append(self._idle.get_nowait())
             # One that died while idle (killed, out of memory) is replaced before it is given
             # a job: its death is no job's failed attempt.
-            idle = [process if process.alive else await self._replace(process) for process in idle]
+            for process in idle:
+                self._idle.put_nowait(process if process.alive else await self._replace(process))
+            quiet = self.settings.poll_seconds - (time.monotonic() - self._found_nothing_at)
+            if quiet > 0 and not self._wake.is_set():
+                # A runner's claim found nothing due since the last poll, and nothing was
+                # submitted since: wait for news instead of a claim that finds nothing.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), quiet)
+                continue
             self._wake.clear()
+            # Every idle process at once: one transaction (one disk flush) claims for all.
+            wanted = self._idle.qsize()
             try:
-                claimed = await self._claim(len(idle))
+                claimed = await self._claim(wanted)
             except StorageUnavailable as error:
                 log.warning("cannot claim jobs now: %s", error)
                 claimed = []
             except Exception:
                 log.exception("claiming jobs failed; trying again shortly")
                 claimed = []
-            for process, (job, stored) in zip(idle, claimed, strict=False):
-                self._start_run(Attempt(job, stored, process))
-            for process in idle[len(claimed) :]:
-                self._idle.put_nowait(process)
-            if len(claimed) < len(idle):  # nothing more is due: sleep until told or polled
+            for job, stored in claimed:
+                if self._idle.empty():  # taken meanwhile, to check an upload or to convert
+                    await self._give_back(job)
+                else:
+                    self._start_run(Attempt(job, stored, self._idle.get_nowait()))
+            if len(claimed) < wanted:  # nothing more is due: sleep until told or polled
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
 
@@ -669,6 +711,8 @@ class Dispatcher:
                 claimed = await self._finish(
                     finished, outcome, seconds, claim=wanted if going_on else 0, started=current
                 )
+                if going_on and wanted and not claimed:
+                    self._found_nothing_at = time.monotonic()  # as good as a poll
                 for attempt in claimed:
                     self._track(attempt)
                     attempt.task = asyncio.current_task()
@@ -748,13 +792,15 @@ class Dispatcher:
         self._untrack(attempt)
         if attempt.aborted:  # cancelled or taken over: no longer ours to give back
             return
+        await self._give_back(attempt.job)
+
+    async def _give_back(self, job: repo.JobRow) -> None:
+        """Put a job claimed here back in the queue, its attempt uncounted."""
         try:
             async with self.db.write() as conn:
-                await repo.release(
-                    conn, attempt.job_id, self.worker_id, attempt.number, self.db.now()
-                )
+                await repo.release(conn, job.id, self.worker_id, job.attempts, self.db.now())
         except Exception:  # its lease expires, and a sweep queues it again
-            log.exception("handing back job %s failed", attempt.job_id)
+            log.exception("handing back job %s failed", job.id)
         self.notify()
 
     def _remove_result_file(self, outcome: ResultData | AttemptError) -> None:

@@ -79,6 +79,15 @@ class DropRequest:
     """Forget a held table: its job will not run here (a replayed submit, a failed commit)."""
 
 
+@dataclass(frozen=True)
+class ConvertRequest:
+    """Run ``func()`` for the API (render a result, parse a large JSON body) on this idle
+    process, so that no converter process is started for it. The reply is its return value,
+    or the error it raised."""
+
+    func: Callable[[], Any]
+
+
 def send_message(sock: socket.socket, message: object) -> None:
     payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     header = FRAME_HEADER.pack(len(payload))
@@ -176,10 +185,12 @@ def main(
         resident = _resident_bytes()
         # One table at a time: whatever this process is asked next ends the one it holds.
         kept, held = held, None
-        if isinstance(request, CheckRequest | DropRequest):
+        if isinstance(request, CheckRequest | DropRequest | ConvertRequest):
             del kept
             if isinstance(request, CheckRequest):
                 held = _check(sock, request, resident)
+            elif isinstance(request, ConvertRequest):
+                _convert(sock, request, resident)
             else:
                 release_memory_above(0)  # the table was the growth: hand it back
                 send_message(sock, ("ok", None))
@@ -217,6 +228,17 @@ def _check(
         return None
     send_message(sock, ("ok", parsed))
     return request.job_id, frame, resident
+
+
+def _convert(sock: socket.socket, request: ConvertRequest, resident: int) -> None:
+    try:
+        value = request.func()
+    except Exception as error:  # a refusal (malformed data, say) is the API's answer
+        send_message(sock, ("error", error))
+    else:
+        send_message(sock, ("ok", value))
+    finally:
+        release_memory_above(resident)
 
 
 def call_and_release(func: Callable[[], Any]) -> Any:
