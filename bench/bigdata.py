@@ -122,7 +122,7 @@ def run() -> list[Row]:
         ):
             small = tmp / "small.csv"
             pd.read_csv(source, nrows=1000).to_csv(small, index=False)
-            through_jobsvc(client, small, tmp / "warm.csv")  # workers and converters warm
+            through_jobsvc(client, small, tmp / "warm.csv")  # workers warm
             with MemorySampler(server.pid) as memory:
                 idle_rss = memory.first_rss
                 times = []
@@ -150,7 +150,8 @@ def run() -> list[Row]:
         "Results "
         + ("equal (pandas, rtol 1e-9)." if difference is None else f"DIFFER: {difference}"),
         f"Memory: the sum of VmRSS over the service's process group (API, fork server, "
-        f"worker, converters) sampled every 20 ms: idle {idle_rss / 2**20:,.0f} MiB, peak "
+        f"worker, and a converter if one was started) sampled every 20 ms: idle "
+        f"{idle_rss / 2**20:,.0f} MiB, peak "
         f"{memory.peak_rss / 2**20:,.0f} MiB, i.e. {(memory.peak_rss - idle_rss) / size:.1f}x "
         f"the CSV above idle. Summed VmRSS counts a shared page in every process mapping it; "
         f"the peak of the summed PSS (shared pages split among their processes) was "

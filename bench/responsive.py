@@ -142,8 +142,8 @@ def run() -> list[Row]:
     json_notes = [
         f"Meanwhile a client submitted {big_json[1] / 1e6:.1f} MB JSON bodies "
         f"({BIG_JSON_RECORDS:,} records each) back to back: {big_json[0]} in {SECONDS:g} s. "
-        "A body over 64 KiB is parsed and checked in a converter process, not on the event "
-        "loop.",
+        "A body over 64 KiB is parsed and checked in another process (an idle worker, else a "
+        "converter), not on the event loop.",
     ]
     return [
         Row(
