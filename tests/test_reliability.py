@@ -230,21 +230,21 @@ async def test_a_graceful_stop_hands_running_jobs_back_uncounted(
             assert (done["status"], done["attempts"]) == ("succeeded", 1)
 
 
+@pytest.mark.parametrize("broken", ["_request_for", "_execute"])
 async def test_a_fault_in_the_runner_itself_loses_the_attempt_not_the_job(
-    database_url: str, monkeypatch: pytest.MonkeyPatch
+    database_url: str, monkeypatch: pytest.MonkeyPatch, broken: str
 ) -> None:
-    # Not a task's failure but the runner's own (a bug, say): the job must not stay
-    # `running` with a lease renewed for ever; it expires, and a sweep retries the job.
-    real_execute = Dispatcher._execute
-    faults = iter([RuntimeError("the runner broke")])
+    # Not a task's failure but the runner's own (a bug, say), before or after the request is
+    # sent: the job must not stay `running` with a lease renewed for ever; it expires, and a
+    # sweep retries the job.
+    real = getattr(Dispatcher, broken)
 
-    async def execute_once_broken(self: Dispatcher, attempt: Any, *args: Any) -> Any:
-        fault = next(faults, None)
-        if fault is not None:
-            raise fault
-        return await real_execute(self, attempt, *args)
+    def broken_for_the_first_attempt(self: Dispatcher, attempt: Any, *args: Any) -> Any:
+        if attempt.number == 1:
+            raise RuntimeError("the runner broke")
+        return real(self, attempt, *args)
 
-    monkeypatch.setattr(Dispatcher, "_execute", execute_once_broken)
+    monkeypatch.setattr(Dispatcher, broken, broken_for_the_first_attempt)
     settings = make_settings(database_url, lease_seconds=1.0)
     app = create_app(settings, migrate_on_start=False)
     async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60):

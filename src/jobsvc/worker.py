@@ -748,8 +748,11 @@ class Dispatcher:
         the caller records the previous job's outcome, and the process would wait for that.
         """
         attempt.started = True
-        request = self._request_for(attempt)
-        sent = attempt.process.send_now(request)
+        try:
+            request: worker_process.RunRequest | None = self._request_for(attempt)
+        except Exception:  # raised again in the task, where a fault of the runner is handled
+            request = None
+        sent = request is not None and attempt.process.send_now(request)
 
         async def timed() -> tuple[ResultData | AttemptError, float]:
             started = time.monotonic()
@@ -836,9 +839,11 @@ class Dispatcher:
         )
 
     async def _execute(
-        self, attempt: Attempt, request: worker_process.RunRequest, sent: bool
+        self, attempt: Attempt, request: worker_process.RunRequest | None, sent: bool
     ) -> ResultData | AttemptError:
         job = attempt.job
+        if request is None:
+            request = self._request_for(attempt)
 
         async def on_progress(value: float) -> None:
             async with self.db.write() as conn:
