@@ -38,10 +38,10 @@ import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy.engine import make_url
-
-from jobsvc.settings import Settings
+if TYPE_CHECKING:  # worker processes import this module, and need neither
+    from jobsvc.settings import Settings
 
 ORPHAN_AGE_SECONDS = 3600.0
 # A DataFrame result at least this large (in memory) is written as a file too; a smaller one
@@ -77,6 +77,8 @@ class FileStore:
         """The store the settings ask for, or None when inputs live in the database."""
         if settings.files_dir:
             return cls(Path(settings.files_dir))
+        from sqlalchemy.engine import make_url  # here: worker processes need no SQLAlchemy
+
         url = make_url(settings.database_url)
         if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
             return None
