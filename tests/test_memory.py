@@ -54,3 +54,22 @@ def test_a_large_parse_leaves_no_more_resident_memory_behind_than_it_must(
     # (measured here, `keep` in MEASURE; from 23 MiB, as the allocators' state allows); with
     # it, less than the growth that makes a process release (16 MiB) stays.
     assert grown < 16 * 2**20, f"{grown / 2**20:.0f} MiB kept"
+
+
+def test_worker_processes_load_no_database_layer() -> None:
+    # The fork server and every worker process import the worker module: SQLAlchemy and the
+    # settings would add 17 MiB to each of them, for nothing they do.
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, jobsvc.worker_process, jobsvc.tasks.builtin;"
+            "print(sorted(m for m in ('sqlalchemy', 'jobsvc.settings', 'pydantic_settings')"
+            " if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
+    assert loaded == "[]"
