@@ -168,6 +168,18 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
+async def events_of(client: httpx.AsyncClient, job_id: str) -> list[dict[str, Any]]:
+    response = await client.get(f"/jobs/{job_id}/events")
+    assert response.status_code == 200, response.text
+    events: list[dict[str, Any]] = response.json()
+    return events
+
+
+async def event_statuses(client: httpx.AsyncClient, job_id: str) -> list[str]:
+    """The statuses a job has entered, in order."""
+    return [event["status"] for event in await events_of(client, job_id)]
+
+
 async def wait_for_status(
     client: httpx.AsyncClient,
     job_id: str,

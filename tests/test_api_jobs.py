@@ -15,18 +15,11 @@ import httpx
 import pandas as pd
 import pytest
 
-from tests.conftest import submit, wait_for_status
+from tests.conftest import events_of, submit, wait_for_status
 
 RECORDS = [{"a": 1, "b": 2.5, "c": "x"}, {"a": 3, "b": -1.0, "c": "y"}]
 PARQUET = "application/vnd.apache.parquet"
 FAR_FUTURE = (datetime.now(UTC) + timedelta(days=365)).isoformat()
-
-
-async def events_of(client: httpx.AsyncClient, job_id: str) -> list[dict[str, Any]]:
-    response = await client.get(f"/jobs/{job_id}/events")
-    assert response.status_code == 200, response.text
-    events: list[dict[str, Any]] = response.json()
-    return events
 
 
 def statuses(events: list[dict[str, Any]]) -> list[str]:

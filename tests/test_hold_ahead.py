@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from jobsvc import worker
-from tests.conftest import submit, wait_for_status
+from tests.conftest import event_statuses, submit, wait_for_status
 
 RECORDS = [{"a": 1}, {"a": 2}]
 
@@ -34,12 +34,6 @@ async def job(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
-
-
-async def statuses(client: httpx.AsyncClient, job_id: str) -> list[str]:
-    response = await client.get(f"/jobs/{job_id}/events")
-    assert response.status_code == 200, response.text
-    return [event["status"] for event in response.json()]
 
 
 async def queue_behind_holder(
@@ -78,7 +72,7 @@ async def test_a_held_job_starts_when_the_one_before_it_ends(
     assert (done_first["attempts"], done_second["attempts"]) == (1, 1)
     # Claimed when the holder ended, but its start time is when it began to run.
     assert when(done_second["started_at"]) >= when(done_first["finished_at"])
-    assert await statuses(client, second) == ["queued", "running", "succeeded"]
+    assert await event_statuses(client, second) == ["queued", "running", "succeeded"]
 
 
 async def test_a_held_job_cancelled_before_its_turn_never_runs(
@@ -104,7 +98,7 @@ async def test_a_held_job_cancelled_before_its_turn_never_runs(
     assert (await wait_for_status(client, after["id"]))["status"] == "succeeded"
     assert not marker.exists()
     assert (await job(client, held))["status"] == "cancelled"
-    assert await statuses(client, held) == ["queued", "running", "cancelled"]
+    assert await event_statuses(client, held) == ["queued", "running", "cancelled"]
 
 
 async def test_a_held_job_whose_process_dies_goes_back_uncounted(
@@ -120,4 +114,5 @@ async def test_a_held_job_whose_process_dies_goes_back_uncounted(
     assert (lost["status"], lost["error"]["type"]) == ("failed", "WorkerLost")
     done = await wait_for_status(client, held)
     assert (done["status"], done["attempts"], done["error"]) == ("succeeded", 1, None)
-    assert await statuses(client, held) == ["queued", "running", "queued", "running", "succeeded"]
+    history = await event_statuses(client, held)
+    assert history == ["queued", "running", "queued", "running", "succeeded"]

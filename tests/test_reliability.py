@@ -25,7 +25,7 @@ from jobsvc.db import Database
 from jobsvc.models import job_events, job_results, jobs
 from jobsvc.records import NewJob, ResultData
 from jobsvc.worker import Dispatcher
-from tests.conftest import make_settings, submit, wait_for_status
+from tests.conftest import event_statuses, make_settings, submit, wait_for_status
 
 DEAD_HOST_OWNER = "elsewhere:1:deadbeef"  # another machine: only lease expiry can tell
 
@@ -284,7 +284,8 @@ async def test_a_job_claimed_while_its_process_is_taken_goes_back_uncounted(
         async with httpx.AsyncClient(transport=transport, base_url="http://jobsvc") as client:
             job = await submit(client, "double", data=[{"a": 1}])
             deadline = time.monotonic() + 20
-            while (history := await statuses(client, job["id"])) != ["queued", "running", "queued"]:
+            given_back = ["queued", "running", "queued"]
+            while (history := await event_statuses(client, job["id"])) != given_back:
                 assert time.monotonic() < deadline, history
                 await asyncio.sleep(0.01)
             assert (await client.get(f"/jobs/{job['id']}")).json()["attempts"] == 0
@@ -292,12 +293,6 @@ async def test_a_job_claimed_while_its_process_is_taken_goes_back_uncounted(
             app.state.queue.service.dispatcher._idle.put_nowait(taken[0])
             done = await wait_for_status(client, job["id"], timeout=20)
             assert (done["status"], done["attempts"]) == ("succeeded", 1)
-
-
-async def statuses(client: httpx.AsyncClient, job_id: str) -> list[str]:
-    response = await client.get(f"/jobs/{job_id}/events")
-    assert response.status_code == 200, response.text
-    return [event["status"] for event in response.json()]
 
 
 async def test_cancelling_a_running_job_stops_its_process(

@@ -70,8 +70,6 @@ WORKER_NICENESS = 10
 # sibling (another app in the same process) when both carry this process's pid.
 _LIVE_WORKER_IDS: set[str] = set()
 _WRITE_PIECE_BYTES = 1024 * 1024
-# An input this small may fit a message sent at once (``WorkerProcess.send_now``).
-_SEND_NOW_BYTES = worker_process.SMALL_MESSAGE_BYTES
 # After a job shorter than this, a worker process's next claim holds one job more, to start
 # the moment the running one ends (``Dispatcher._run``).
 HOLD_AHEAD_BELOW_SECONDS = 1.0
@@ -239,13 +237,14 @@ class WorkerProcess:
         """Write a job's request to the socket at once, without waiting for the loop: True if
         it went; False for a large input, or a socket that cannot take it (``run`` sends it
         then, and meets the same fault)."""
-        if request.input_data is not None and len(request.input_data) > _SEND_NOW_BYTES:
-            return False
+        small = worker_process.SMALL_MESSAGE_BYTES
+        if request.input_data is not None and len(request.input_data) > small:
+            return False  # not worth pickling to find out
         payload = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
-        if len(payload) > worker_process.SMALL_MESSAGE_BYTES or self._writer.is_closing():
+        if len(payload) > small or self._writer.is_closing():
             return False
         try:
-            self._writer.write(worker_process.FRAME_HEADER.pack(len(payload)) + payload)
+            self._write_whole(payload)
         except (OSError, RuntimeError):  # uvloop: RuntimeError for a closed socket
             return False
         return True
@@ -259,17 +258,20 @@ class WorkerProcess:
 
     async def _send(self, message: object) -> None:
         payload = memoryview(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-        header = worker_process.FRAME_HEADER.pack(len(payload))
         if len(payload) <= worker_process.SMALL_MESSAGE_BYTES:  # a job's request, mostly
-            self._writer.write(header + payload)
+            self._write_whole(payload)
             await self._writer.drain()
             return
-        self._writer.write(header)
+        self._writer.write(worker_process.FRAME_HEADER.pack(len(payload)))
         # A piece at a time, each drained before the next: handed over whole, a large input
         # would be copied into the transport's buffer at once, stalling the loop meanwhile.
         for start in range(0, len(payload), _WRITE_PIECE_BYTES):
             self._writer.write(payload[start : start + _WRITE_PIECE_BYTES])
             await self._writer.drain()
+
+    def _write_whole(self, payload: bytes | memoryview) -> None:
+        """A small message and its header in one write: one system call, one wake-up."""
+        self._writer.write(worker_process.FRAME_HEADER.pack(len(payload)) + payload)
 
     async def _receive(self) -> Any:
         # Gathered as it arrives: a large result holds the loop only for its final copies.
@@ -475,17 +477,10 @@ class Dispatcher:
         bad upload is raised (the process is back in the pool then); None if the process died
         meanwhile (out of memory, say: the caller checks the upload elsewhere)."""
         request = worker_process.CheckRequest(job_id, path, media_type, limits, digest)
-        try:
-            kind, payload = await process.ask(request)
-        except (EOFError, OSError):
-            self._idle.put_nowait(process)  # dead: the claim loop replaces it
+        reply = await self._ask_taken(process, request)
+        if reply is None:
             return None
-        except BaseException:
-            # Stopped while it parses (the service shutting down): its reply would be read
-            # as the answer to the next request, so the process goes.
-            process.kill()
-            self._idle.put_nowait(process)
-            raise
+        kind, payload = reply
         if kind == "error":
             self._idle.put_nowait(process)
             raise payload
@@ -500,21 +495,31 @@ class Dispatcher:
         process = self.take_idle()
         if process is None:
             return False, None
-        try:
-            kind, payload = await process.ask(worker_process.ConvertRequest(func))
-        except (EOFError, OSError):
-            self._idle.put_nowait(process)  # dead: the claim loop replaces it
+        reply = await self._ask_taken(process, worker_process.ConvertRequest(func))
+        if reply is None:
             return False, None
-        except BaseException:
-            process.kill()  # stopped meanwhile: its late reply must not answer a job
-            self._idle.put_nowait(process)
-            raise
         self._idle.put_nowait(process)
+        kind, payload = reply
         if kind == "error":
             if isinstance(payload, MemoryError):  # the worker's memory cap: not the data's fault
                 return False, None
             raise payload
         return True, payload
+
+    async def _ask_taken(self, process: WorkerProcess, request: object) -> tuple[str, Any] | None:
+        """Ask a process from ``take_idle``; None if it died meanwhile (it is back in the pool
+        then, where the claim loop replaces it)."""
+        try:
+            return await process.ask(request)
+        except (EOFError, OSError):
+            self._idle.put_nowait(process)
+            return None
+        except BaseException:
+            # Stopped while it works (the service shutting down): its reply would be read as
+            # the answer to the next request, so the process goes.
+            process.kill()
+            self._idle.put_nowait(process)
+            raise
 
     async def run_checked(self, job_id: str, process: WorkerProcess) -> None:
         """Start the job whose upload ``process`` checked, there; if it is no longer waiting

@@ -190,7 +190,7 @@ def main(
             if isinstance(request, CheckRequest):
                 held = _check(sock, request, resident)
             elif isinstance(request, ConvertRequest):
-                _convert(sock, request, resident)
+                _convert(sock, request)
             else:
                 release_memory_above(0)  # the table was the growth: hand it back
                 send_message(sock, ("ok", None))
@@ -230,20 +230,18 @@ def _check(
     return request.job_id, frame, resident
 
 
-def _convert(sock: socket.socket, request: ConvertRequest, resident: int) -> None:
+def _convert(sock: socket.socket, request: ConvertRequest) -> None:
     try:
-        value = request.func()
+        value = call_and_release(request.func)
     except Exception as error:  # a refusal (malformed data, say) is the API's answer
         send_message(sock, ("error", error))
     else:
         send_message(sock, ("ok", value))
-    finally:
-        release_memory_above(resident)
 
 
 def call_and_release(func: Callable[[], Any]) -> Any:
-    """``func()``, then the memory it grew by handed back (for the API's converter processes,
-    which parse uploads and render results)."""
+    """``func()``, then the memory it grew by handed back (for the API's conversions, which
+    parse uploads and render results, in a converter or an idle worker process)."""
     resident = _resident_bytes()
     try:
         return func()
