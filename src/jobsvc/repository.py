@@ -15,15 +15,19 @@ import secrets
 import threading
 import time
 from collections import namedtuple
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
+from functools import cache
+from operator import itemgetter
 from typing import Any, cast
 
 from sqlalchemy import (
+    Dialect,
     Integer,
     Row,
     Select,
     String,
+    Table,
     and_,
     bindparam,
     delete,
@@ -123,12 +127,59 @@ async def add_event(
     if into is not None:
         into.append(row)
     else:
-        await conn.execute(insert(job_events), [row])
+        await insert_rows(conn, job_events, [row])
 
 
 async def add_events(conn: AsyncConnection, rows: Events) -> None:
     if rows:
-        await conn.execute(insert(job_events), rows)
+        await insert_rows(conn, job_events, rows)
+
+
+async def insert_rows(conn: AsyncConnection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    """``INSERT`` of rows that all name the same columns.
+
+    On SQLite the rows are bound as plain tuples, each column's conversion (a time to text, a
+    dict to JSON) applied once per distinct value. SQLAlchemy's own work per value made a
+    third of the group commit's CPU per submitted job: 50-62 µs a job in batches of 32,
+    36-41 µs this way.
+    """
+    if conn.dialect.name != "sqlite":
+        await conn.execute(insert(table), list(rows))
+        return
+    sql, columns_of, conversions = _sqlite_insert(conn.dialect, table, tuple(rows[0]))
+    converted: list[dict[int, Any]] = [{} for _ in conversions]  # id(value) -> bound value
+    values = []
+    for row in rows:
+        bound = list(columns_of(row))
+        for (index, process), seen in zip(conversions, converted, strict=True):
+            value = bound[index]
+            if value is not None:
+                key = id(value)  # a batch shares its objects (its time, say)
+                if key not in seen:
+                    seen[key] = (value, process(value))  # kept: its id stays its own
+                bound[index] = seen[key][1]
+        values.append(tuple(bound))
+    await conn.exec_driver_sql(sql, values)
+
+
+@cache
+def _sqlite_insert(
+    dialect: Dialect, table: Table, names: tuple[str, ...]
+) -> tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]], list[tuple[int, Any]]]:
+    """The statement's text, a row's values in its order, and which of them need converting."""
+    compiled = insert(table).compile(dialect=dialect, column_keys=list(names))
+    order = tuple(compiled.positiontup or ())
+    processors = [
+        table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in order
+    ]
+    conversions = [(index, p) for index, p in enumerate(processors) if p is not None]
+    return compiled.string, _values_of(order), conversions
+
+
+def _values_of(names: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    if len(names) == 1:  # itemgetter of one name returns the value, not a tuple
+        return lambda row: (row[names[0]],)
+    return itemgetter(*names)
 
 
 def _error_columns(error: AttemptError | None) -> dict[str, Any]:
@@ -197,10 +248,10 @@ async def insert_jobs(
                 "error_traceback": None,
             }
         )
-    await conn.execute(insert(jobs), job_values)
+    await insert_rows(conn, jobs, job_values)
     if input_values:
-        await conn.execute(insert(job_inputs), input_values)
-    await conn.execute(insert(job_events), event_values)
+        await insert_rows(conn, job_inputs, input_values)
+    await insert_rows(conn, job_events, event_values)
     # Every column is known here: reading the rows back would only cost the hot path a query.
     return [_stored_row(values) for values in job_values]
 
@@ -384,7 +435,6 @@ _SUCCEED = (
         lease_expires_at=None,
     )
 )
-_INSERT_RESULT = insert(job_results)
 # On PostgreSQL, the fenced status change and the result's insert are one statement: the
 # result is inserted only for the row the fence let through.
 _SUCCEEDED = _SUCCEED.returning(jobs.c.id).cte("succeeded")
@@ -562,7 +612,7 @@ async def finish_succeeded(
     else:
         if (await conn.execute(_SUCCEED, fence)).rowcount != 1:
             return False
-        await conn.execute(_INSERT_RESULT, [result_row])
+        await insert_rows(conn, job_results, [result_row])
     await add_event(conn, job_id, JobStatus.SUCCEEDED, attempt, now, worker=worker, into=events)
     return True
 
