@@ -35,11 +35,14 @@ def csv_file(tmp_path: Path) -> Path:
 
 
 def jobsvc(
-    *args: str, url: str, env: dict[str, str] | None = None
+    *args: str, url: str, env: dict[str, str] | None = None, columns: int = 200
 ) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "jobsvc.cli", *args]
-    # Wide enough that tables never wrap the ids the tests look for.
-    environment = {**(env or server_env("sqlite+aiosqlite:///unused.db")), "COLUMNS": "200"}
+    # By default wide enough that no table folds what the tests look for.
+    environment = {
+        **(env or server_env("sqlite+aiosqlite:///unused.db")),
+        "COLUMNS": str(columns),
+    }
     environment["JOBSVC_URL"] = url
     return subprocess.run(
         command, env=environment, capture_output=True, text=True, timeout=90, check=False
@@ -192,6 +195,11 @@ def test_jobs_list_and_show(server: LiveServer, csv_file: Path) -> None:
     assert listing.returncode == 0, listing.stderr
     assert job_id in listing.stdout
     assert "ValueError" in listing.stdout
+    # On an 80-column terminal the id and the status are still whole, on one line.
+    narrow = jobsvc("jobs", "list", url=server.url, columns=80)
+    row = next(line for line in narrow.stdout.splitlines() if job_id in line)
+    assert row.split()[:4] == [job_id, "boom", "failed", "3/3"], narrow.stdout
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 80
     assert job_id not in succeeded_only.stdout
     assert shown.returncode == 0, shown.stderr
     assert "listed failure" in shown.stdout

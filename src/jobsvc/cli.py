@@ -23,7 +23,6 @@ from typing import Annotated, Any, NoReturn
 import httpx
 import typer
 from pydantic import ValidationError
-from rich import box
 from rich.console import Console
 from rich.json import JSON
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -371,10 +370,10 @@ def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
-def format_time(text: str | None) -> str:
+def format_time(text: str | None, *, zone: bool = True) -> str:
     if not text:
         return "-"
-    return parse_time(text).strftime("%Y-%m-%d %H:%M:%S") + " UTC"
+    return parse_time(text).strftime("%Y-%m-%d %H:%M:%S") + (" UTC" if zone else "")
 
 
 @jobs_app.command("list")
@@ -394,20 +393,24 @@ def list_jobs(
     if not page["items"]:
         out.print("no jobs")
         return
-    table = Table(box=box.SIMPLE_HEAD)
-    # The id is what a user copies into the next command: never wrapped or shortened.
+    # The id is what a user copies into the next command and the status what they look for:
+    # never wrapped or shortened. The error folds; on a terminal too narrow for all of it (80
+    # columns), the creation time is left out (the jobs come newest first; `show` has it).
+    with_time = out.width >= 100
+    table = Table(box=None, pad_edge=False, header_style="bold")
     table.add_column("id", no_wrap=True, min_width=36)
-    for name in ("task", "status", "attempts", "created", "error"):
-        table.add_column(name)
+    table.add_column("task", no_wrap=True, max_width=24)
+    table.add_column("status", no_wrap=True)
+    table.add_column("attempts", no_wrap=True, justify="right")
+    if with_time:
+        table.add_column("created (UTC)", no_wrap=True)
+    table.add_column("error", overflow="fold", min_width=8)
     for job in page["items"]:
-        table.add_row(
-            job["id"],
-            job["task"],
-            job["status"],
-            f"{job['attempts']}/{job['max_attempts']}",
-            format_time(job["created_at"]),
-            job["error"]["type"] if job["error"] else "",
-        )
+        cells = [job["id"], job["task"], job["status"], f"{job['attempts']}/{job['max_attempts']}"]
+        if with_time:
+            cells.append(format_time(job["created_at"], zone=False))
+        cells.append(job["error"]["type"] if job["error"] else "")
+        table.add_row(*cells)
     out.print(table)
     if page["next_cursor"]:
         out.print(f"(more jobs than {limit}; raise --limit or filter)")
@@ -439,7 +442,7 @@ def show_job(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> No
         fields.add_row(name, Text(value))
     out.print(fields)
     if error and error.get("traceback"):
-        out.print(Text(error["traceback"].rstrip()))
+        out.print(Text(error["traceback"].rstrip()), soft_wrap=True)  # lines kept whole
     table = Table("at", "status", "attempt", "error", title="events", title_justify="left")
     table.columns[3].overflow = "fold"
     for event in events:
