@@ -59,12 +59,22 @@ def test_parse_age() -> None:
         retention.parse_age("soon")
 
 
+def test_ages_are_described_in_their_largest_exact_unit() -> None:
+    described = [
+        retention.describe_age(retention.parse_age(text))
+        for text in ("30d", "2w", "1d", "36h", "90m", "45s", "1.5s")
+    ]
+    assert described == [
+        "30 days", "14 days", "1 day", "36 hours", "90 minutes", "45 seconds", "1.5 seconds"
+    ]  # fmt: skip
+
+
 def test_db_prune_command(database_url: str) -> None:
     env = server_env(database_url)
     command = [sys.executable, "-m", "jobsvc.cli", "db", "prune", "--older-than", "30d"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "deleted 0 jobs" in done.stdout
+    assert "deleted 0 jobs that finished more than 30 days ago" in done.stdout
     bad = subprocess.run(
         [*command[:-1], "someday"], env=env, capture_output=True, text=True, timeout=120
     )

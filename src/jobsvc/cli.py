@@ -529,7 +529,7 @@ def db_prune(
 
     with database_errors(settings):
         deleted = asyncio.run(run())
-    out.print(f"deleted {deleted} jobs that finished more than {age} ago")
+    out.print(f"deleted {deleted} jobs that finished more than {retention.describe_age(age)} ago")
 
 
 if __name__ == "__main__":

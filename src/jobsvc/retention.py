@@ -23,6 +23,16 @@ def parse_age(text: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
 
 
+def describe_age(age: timedelta) -> str:
+    """``30 days``, ``12 hours``, ``90 minutes``: the largest unit that says it exactly."""
+    seconds = age.total_seconds()
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds:g} second{'s' if seconds != 1 else ''}"
+
+
 async def prune(
     db: Database, older_than: timedelta, files: FileStore | None = None, batch: int = 500
 ) -> int:
