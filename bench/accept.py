@@ -4,6 +4,10 @@ nothing and against the seed pattern (``BackgroundTasks`` running pandas)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bench.common import (
@@ -26,28 +30,56 @@ WARMUP_SECONDS = 1.0
 ROUNDS = 3
 
 
-def hammer(proc: Proc, rounds: int = ROUNDS) -> tuple[list[WrkResult], WrkResult]:
-    """A short warm-up, then ``rounds`` measured runs: every run (all their ids are checked)
-    and the median one by rate (a single run on a shared 2-core machine varies by a fifth)."""
+def warm_up(proc: Proc) -> WrkResult:
     body = json.dumps(SMALL_BODY)
-    common = {"connections": CONNECTIONS, "pgid": proc.pid, "args": [body]}
-    runs = [run_wrk(proc.url + "/jobs", "post.lua", seconds=WARMUP_SECONDS, **common)]
-    for round_number in range(rounds):
-        with profiler(proc.pid, f"accept-{proc.name}-{round_number}", SECONDS):
-            measured = run_wrk(proc.url + "/jobs", "post.lua", seconds=SECONDS, **common)
-        progress(
-            f"  {proc.name}: {measured.rate:,.0f} req/s, "
-            f"p99 {measured.latency_us['p99'] / 1000:.1f} ms, statuses {measured.statuses}, "
-            f"wrk used {measured.wrk_cpu / measured.seconds:.0%} of a core, "
-            f"the server's processes {measured.target_cpu / measured.seconds:.0%}"
+    return run_wrk(
+        proc.url + "/jobs",
+        "post.lua",
+        seconds=WARMUP_SECONDS,
+        connections=CONNECTIONS,
+        pgid=proc.pid,
+        args=[body],
+    )
+
+
+def measure(proc: Proc, round_number: int) -> WrkResult:
+    body = json.dumps(SMALL_BODY)
+    with profiler(proc.pid, f"accept-{proc.name}-{round_number}", SECONDS):
+        measured = run_wrk(
+            proc.url + "/jobs",
+            "post.lua",
+            seconds=SECONDS,
+            connections=CONNECTIONS,
+            pgid=proc.pid,
+            args=[body],
         )
-        runs.append(measured)
-    median = sorted(runs[1:], key=lambda run: run.rate)[rounds // 2]
-    return runs, median
+    progress(
+        f"  {proc.name}: {measured.rate:,.0f} req/s, "
+        f"p99 {measured.latency_us['p99'] / 1000:.1f} ms, statuses {measured.statuses}, "
+        f"wrk used {measured.wrk_cpu / measured.seconds:.0%} of a core, "
+        f"the server's processes {measured.target_cpu / measured.seconds:.0%}"
+    )
+    return measured
+
+
+@contextmanager
+def paused(proc: Proc) -> Iterator[None]:
+    """``proc``'s processes stopped (SIGSTOP) while another server is measured: jobsvc would
+    otherwise go on running the jobs it accepted, on the other server's cores."""
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+
+
+def median_run(runs: list[WrkResult]) -> WrkResult:
+    """The median run by rate (a single run on a shared 2-core machine varies by a fifth)."""
+    return sorted(runs, key=lambda run: run.rate)[len(runs) // 2]
 
 
 def rates(runs: list[WrkResult]) -> str:
-    return ", ".join(f"{run.rate:,.0f}" for run in runs[1:])
+    return ", ".join(f"{run.rate:,.0f}" for run in runs)
 
 
 def stored_ids(db_path: Path) -> set[str]:
@@ -56,16 +88,26 @@ def stored_ids(db_path: Path) -> set[str]:
 
 def run() -> list[Row]:
     progress("1. durable accept: POST /jobs, 64 connections")
-    with workspace("bare") as tmp, uvicorn_app(tmp, "bench.bare_app:app", "bare") as bare:
-        bare_runs, bare_run = hammer(bare)
     with workspace("seed") as tmp, uvicorn_app(tmp, "bench.seed_app:app", "seed") as seed:
-        _, seed_run = hammer(seed, rounds=1)
-    with workspace("accept") as tmp:
+        warm_up(seed)
+        seed_run = measure(seed, 0)
+    with workspace("bare") as bare_tmp, workspace("accept") as tmp:
         server = jobsvc_server(tmp, workers=1)
-        with server:
-            jobsvc_runs, jobsvc_run = hammer(server)
+        with uvicorn_app(bare_tmp, "bench.bare_app:app", "bare") as bare, server:
+            with paused(server):
+                warm_up(bare)
+            with paused(bare):
+                jobsvc_runs = [warm_up(server)]
+            bare_runs = []
+            # In turn, so that both meet the same moods of a shared machine.
+            for round_number in range(ROUNDS):
+                with paused(server):
+                    bare_runs.append(measure(bare, round_number))
+                with paused(bare):
+                    jobsvc_runs.append(measure(server, round_number))
         # Stopped: every committed row is in the file, and nothing writes any more.
         stored = stored_ids(tmp / "jobs.db")
+    bare_run, jobsvc_run = median_run(bare_runs), median_run(jobsvc_runs[1:])
     accepted = [job_id for run in jobsvc_runs for job_id in run.ids]
     missing = [job_id for job_id in accepted if job_id not in stored]
     non_202 = {
@@ -76,8 +118,9 @@ def run() -> list[Row]:
     notes = [
         f"Load: wrk, 1 thread, {CONNECTIONS} connections, {ROUNDS} runs of {SECONDS:g} s "
         f"after a {WARMUP_SECONDS:g} s warm-up, the median run reported (jobsvc "
-        f"{rates(jobsvc_runs)} req/s; bare {rates(bare_runs)}); every server is one uvicorn "
-        "process with its access log off. jobsvc: `JOBSVC_WORKERS=1`, SQLite "
+        f"{rates(jobsvc_runs[1:])} req/s; bare {rates(bare_runs)}), a bare run and a jobsvc run "
+        "in turn, the other server's processes stopped (SIGSTOP) meanwhile; every server is "
+        "one uvicorn process with its access log off. jobsvc: `JOBSVC_WORKERS=1`, SQLite "
         "`synchronous=FULL`; the jobs it accepts run meanwhile.",
         f"The generator is not the limit: against the bare endpoint wrk used "
         f"{bare_run.wrk_cpu / bare_run.seconds:.0%} of one core while the server used "
