@@ -15,6 +15,7 @@ from bench.common import (
     Proc,
     Row,
     WrkResult,
+    fmt_rates,
     jobsvc_server,
     profiler,
     progress,
@@ -30,29 +31,24 @@ WARMUP_SECONDS = 1.0
 ROUNDS = 3
 
 
-def warm_up(proc: Proc) -> WrkResult:
-    body = json.dumps(SMALL_BODY)
+def post_jobs(proc: Proc, seconds: float) -> WrkResult:
     return run_wrk(
         proc.url + "/jobs",
         "post.lua",
-        seconds=WARMUP_SECONDS,
+        seconds=seconds,
         connections=CONNECTIONS,
         pgid=proc.pid,
-        args=[body],
+        args=[json.dumps(SMALL_BODY)],
     )
 
 
+def warm_up(proc: Proc) -> WrkResult:
+    return post_jobs(proc, WARMUP_SECONDS)
+
+
 def measure(proc: Proc, round_number: int) -> WrkResult:
-    body = json.dumps(SMALL_BODY)
     with profiler(proc.pid, f"accept-{proc.name}-{round_number}", SECONDS):
-        measured = run_wrk(
-            proc.url + "/jobs",
-            "post.lua",
-            seconds=SECONDS,
-            connections=CONNECTIONS,
-            pgid=proc.pid,
-            args=[body],
-        )
+        measured = post_jobs(proc, SECONDS)
     progress(
         f"  {proc.name}: {measured.rate:,.0f} req/s, "
         f"p99 {measured.latency_us['p99'] / 1000:.1f} ms, statuses {measured.statuses}, "
@@ -79,7 +75,7 @@ def median_run(runs: list[WrkResult]) -> WrkResult:
 
 
 def rates(runs: list[WrkResult]) -> str:
-    return ", ".join(f"{run.rate:,.0f}" for run in runs)
+    return fmt_rates(run.rate for run in runs)
 
 
 def stored_ids(db_path: Path) -> set[str]:

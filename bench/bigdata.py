@@ -125,12 +125,12 @@ def run() -> list[Row]:
             through_jobsvc(client, small, tmp / "warm.csv")  # workers warm
             with MemorySampler(server.pid) as memory:
                 idle_rss = memory.first_rss
-                times, plain_times, plain_rss = [], [], []
+                times, plain_times, plain_memory = [], [], []
                 # Alternated, so that both meet the same moods of a shared machine.
                 for run_number in range(RUNS):
-                    elapsed, peak_rss, plain_imported = plain(source, tmp / "plain.csv")
+                    elapsed, peak_rss, imported_rss = plain(source, tmp / "plain.csv")
                     plain_times.append(elapsed)
-                    plain_rss.append(peak_rss)
+                    plain_memory.append((peak_rss, imported_rss))
                     with profiler(server.pid, f"bigdata-{run_number}", 3):
                         times.append(through_jobsvc(client, source, tmp / "jobsvc.csv"))
         progress(f"  plain pandas: {seconds(plain_times)}")
@@ -140,7 +140,7 @@ def run() -> list[Row]:
     ours, theirs = min(times), min(plain_times)
     ratio = ours / theirs
     rss_ratio = memory.peak_rss / size
-    plain_peak = max(plain_rss)
+    plain_peak, plain_imported = max(plain_memory)  # the run that peaked highest
     progress(
         f"  peak RSS {memory.peak_rss / 2**20:,.0f} MiB (idle {idle_rss / 2**20:,.0f} MiB), "
         f"PSS {memory.peak_pss / 2**20:,.0f} MiB; results {difference or 'equal'}"

@@ -16,6 +16,7 @@ from bench.common import (
     Proc,
     Row,
     base_env,
+    fmt_rates,
     jobsvc_server,
     profiler,
     progress,
@@ -108,10 +109,6 @@ def huey_rate(tmp: Path) -> tuple[float, float]:
     return N / elapsed, N / enqueue_seconds
 
 
-def rates(values: list[float]) -> str:
-    return ", ".join(f"{value:,.0f}" for value in values)
-
-
 def run() -> list[Row]:
     progress(f"4. small jobs end to end: {N} summarize jobs, against huey, {ROUNDS} rounds")
     ours, theirs, submit_rates, enqueue_rates = [], [], [], []
@@ -140,7 +137,7 @@ def run() -> list[Row]:
         f"{enqueue_rate:,.0f}/s. Both: time from the first submit until the store counts N "
         f"finished jobs (polled every {POLL * 1000:.0f} ms), after a 50-job warm-up. "
         f"{ROUNDS} rounds, a jobsvc run and a huey run in turn, the median of each: jobsvc "
-        f"{rates(ours)}, huey {rates(theirs)} jobs/s.",
+        f"{fmt_rates(ours)}, huey {fmt_rates(theirs)} jobs/s.",
     ]
     return [
         Row(
