@@ -121,3 +121,36 @@ def hog(df: pd.DataFrame, megabytes: int = 2048) -> dict[str, Any]:
 def chatty(df: pd.DataFrame, words: str = "hello") -> None:
     """Logs a line from inside the worker process."""
     logging.getLogger("tests.chatty").warning("the task says %s", words)
+
+
+@task(name="counted_wait", retry_delay=0.01)
+def counted_wait(df: pd.DataFrame, marker: str, path: str, limit: float = 60.0) -> dict[str, Any]:
+    """Appends a ``started <pid>`` line to ``marker`` (one per execution), waits until ``path``
+    exists, then appends ``finished <pid>`` and returns: a test counts the executions and knows
+    the moment the task has returned its outcome."""
+    with open(marker, "a") as out:
+        out.write(f"started {os.getpid()}\n")
+    report_progress(0.5)
+    deadline = time.monotonic() + limit
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.01)
+    with open(marker, "a") as out:
+        out.write(f"finished {os.getpid()}\n")
+    return {"rows": len(df)}
+
+
+@task(name="raise_base", retry_delay=0.01)
+def raise_base(df: pd.DataFrame, kind: str, marker: str | None = None) -> dict[str, Any]:
+    """Raises ``KeyboardInterrupt`` or ``SystemExit`` (``kind``): on every attempt, or, given a
+    ``marker`` file, only on the first (the marker remembers)."""
+    if marker is not None and Path(marker).exists():
+        return {"survived": True}
+    if marker is not None:
+        Path(marker).write_text("raised")
+    if kind == "KeyboardInterrupt":
+        raise KeyboardInterrupt
+    if kind == "SystemExit":
+        raise SystemExit(3)
+    raise ValueError(f"unknown kind {kind!r}")

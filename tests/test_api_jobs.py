@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -180,35 +179,6 @@ async def test_dataframe_result_in_every_format(client: httpx.AsyncClient) -> No
     assert as_parquet.status_code == 200
     assert as_parquet.headers["content-type"].startswith(PARQUET)
     pd.testing.assert_frame_equal(pd.read_parquet(io.BytesIO(as_parquet.content)), expected)
-
-
-async def until_a_worker_is_idle(dispatcher: Any, timeout: float = 10.0) -> None:  # noqa: ASYNC109
-    deadline = time.monotonic() + timeout
-    while dispatcher._idle.empty():
-        assert time.monotonic() < deadline, "no worker process came back to the pool"
-        await asyncio.sleep(0.01)
-
-
-async def test_an_idle_worker_process_renders_results_else_a_converter_process(
-    app: Any, client: httpx.AsyncClient, tmp_path: Path
-) -> None:
-    # A worker process that is idle anyway does the API's conversions; a converter process
-    # is started only while every worker is busy, so that a download never waits for a job.
-    service = app.state.queue.service
-    workers = {process.process.pid for process in service.dispatcher._processes}
-    await until_a_worker_is_idle(service.dispatcher)  # not taken by a claim that finds nothing
-    assert await service.convert(os.getpid) in workers
-    job = await succeeded(client, "double", data=[{"a": 1}, {"a": 2}])
-    as_csv = await client.get(job["result_url"], headers={"Accept": "text/csv"})
-    assert as_csv.text.splitlines() == ["a", "2", "4"]
-    release = tmp_path / "release"
-    await hold_worker(client, release)
-    elsewhere = await service.convert(os.getpid)
-    assert elsewhere not in workers
-    assert elsewhere != os.getpid()
-    as_csv = await client.get(job["result_url"], headers={"Accept": "text/csv"})
-    assert as_csv.text.splitlines() == ["a", "2", "4"]
-    release.touch()
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
@@ -19,14 +18,10 @@ import pytest
 from sqlalchemy import Table, select, update
 
 from jobsvc import formats, retention
-from jobsvc import repository as repo
 from jobsvc.db import Database
-from jobsvc.errors import InvalidData
 from jobsvc.files import ORPHAN_AGE_SECONDS, FileStore, boot_tag
 from jobsvc.models import job_inputs, job_results, jobs
-from jobsvc.records import InputData, NewJob
 from jobsvc.settings import Settings
-from jobsvc.worker import Dispatcher
 from tests.conftest import make_settings, submit, wait_for_status
 
 CSV_BODY = b"city,temp\nOslo,3.5\nLima,19.0\nOslo,4.5\n"
@@ -376,58 +371,6 @@ class TestASharedFilesDirectory:
         got = await client.get(f"/jobs/{job_id}/result", headers={"Accept": "text/csv"})
         expected = frame.sort_values("a", ascending=False).reset_index(drop=True)
         pd.testing.assert_frame_equal(pd.read_csv(io.BytesIO(got.content)), expected)
-
-
-async def test_a_worker_that_checked_an_upload_runs_it_with_the_table_it_parsed(
-    database_url: str, tmp_path: Path
-) -> None:
-    """An idle worker process checks a CSV upload and then runs its job with the table in
-    its memory: no parsed copy is written, and the kept file is not read again."""
-    settings = make_settings(database_url, files_dir=str(tmp_path / "files"))
-    db = Database(settings)
-    dispatcher = Dispatcher(settings, db)
-    store = FileStore.for_settings(settings)
-    assert store is not None
-    store.prepare()
-    await dispatcher.start()
-    try:
-        upload = store.new_upload_path()
-        upload.write_bytes(CSV_BODY)
-        process = dispatcher.take_idle()
-        assert process is not None
-        job_id = repo.new_job_id()
-        limits = formats.Limits(max_rows=100, max_columns=10, max_cell_chars=100)
-        parsed = await dispatcher.check_upload(
-            process, job_id, str(upload), formats.CSV, limits, False
-        )
-        assert parsed is not None
-        assert (parsed.format, parsed.rows, parsed.columns) == ("csv", 3, 2)
-        assert dispatcher.take_idle() is None  # the one worker holds the table for the job
-        job = NewJob(task="double", params={}, max_attempts=1, retry_delay_seconds=0.01, id=job_id)
-        # The input names a file that is gone: only the held table can make the job succeed.
-        data = InputData("csv", None, 3, 2, path=f"{job_id}.csv")
-        upload.unlink()
-        async with db.write() as conn:
-            await repo.insert_jobs(conn, [(job, data)], db.now())
-        await dispatcher.run_checked(job_id, process)
-        deadline = time.monotonic() + 30
-        while (row := await _job(db, job_id)).status not in ("succeeded", "failed"):
-            assert time.monotonic() < deadline, row
-            await asyncio.sleep(0.02)
-        assert (row.status, row.error_message) == ("succeeded", None)
-        assert stored_files(settings) == []  # no copy, and the upload was never renamed here
-        # A refused upload is raised where it was checked, and the process is free again.
-        bad = store.new_upload_path()
-        bad.write_bytes(b'a,b\n1,"unterminated\n')
-        process = dispatcher.take_idle()
-        assert process is not None
-        with pytest.raises(InvalidData, match="cannot be parsed"):
-            await dispatcher.check_upload(process, "x", str(bad), formats.CSV, limits, False)
-        assert dispatcher.take_idle() is process
-        await dispatcher.release_checked(process)
-    finally:
-        await dispatcher.stop()
-        await db.dispose()
 
 
 async def _job(db: Database, job_id: str) -> Any:

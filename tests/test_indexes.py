@@ -6,8 +6,9 @@ from sqlalchemy import update
 
 from jobsvc import repository as repo
 from jobsvc.db import Database
-from jobsvc.models import JobStatus, jobs
-from jobsvc.records import NewJob
+from jobsvc.lifecycle import JobStatus
+from jobsvc.models import jobs
+from jobsvc.submission import NewJob
 
 
 async def plan_of(db: Database, sql: str) -> str:

@@ -12,19 +12,19 @@ import pandas as pd
 MEASURE = """
 import sys
 import numpy as np, pandas as pd
-from jobsvc import worker_process
+from jobsvc import processes
 from jobsvc.formats import CSV, Limits, parse_upload
 
 path, cache, release = sys.argv[1], sys.argv[2], sys.argv[3] == "release"
 def parse():
     return parse_upload(path, CSV, Limits(10**9, 10**4, 10**6), cache_at=cache)
 def job():
-    return worker_process.call_and_release(parse) if release else parse()
+    return processes.call_and_release(parse) if release else parse()
 job()  # the first run's imports and caches are no job's
-before = worker_process._resident_bytes()
+before = processes.resident_bytes()
 for _ in range(2):
     job()
-print(worker_process._resident_bytes() - before)
+print(processes.resident_bytes() - before)
 """
 
 
@@ -63,7 +63,7 @@ def test_worker_processes_load_no_database_layer() -> None:
         [
             sys.executable,
             "-c",
-            "import sys, jobsvc.worker_process, jobsvc.tasks.builtin;"
+            "import sys, jobsvc.runner.child, jobsvc.tasks.builtin;"
             "print(sorted(m for m in ('sqlalchemy', 'jobsvc.settings', 'pydantic_settings')"
             " if m in sys.modules))",
         ],

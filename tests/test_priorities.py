@@ -7,10 +7,11 @@ import os
 import httpx
 import pytest
 
-from jobsvc.worker import WORKER_NICENESS, ConverterPool
+from jobsvc.converter import ConverterPool
+from jobsvc.processes import NICENESS
 from tests.conftest import submit, wait_for_status
 
-EXPECTED = min(19, os.nice(0) + WORKER_NICENESS)
+EXPECTED = min(19, os.nice(0) + NICENESS)
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])

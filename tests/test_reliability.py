@@ -1,31 +1,30 @@
 """Leases, the sweep, fencing, poison jobs and graceful stops, on both backends.
 
 The sweep and fencing tests put the job table into each state directly (as a crashed or
-paused worker would leave it) and check what the repository and dispatcher make of it.
+paused worker would leave it) and check what the repository and the runner make of it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from asgi_lifespan import LifespanManager
 from sqlalchemy import func, select, update
 
 from jobsvc import repository as repo
 from jobsvc.app import create_app
 from jobsvc.db import Database
+from jobsvc.lifecycle import ResultData
 from jobsvc.models import job_events, job_results, jobs
-from jobsvc.records import NewJob, ResultData
-from jobsvc.worker import Dispatcher
-from tests.conftest import event_statuses, make_settings, submit, wait_for_status
+from jobsvc.runner.faults import FaultHooks
+from jobsvc.runner.runner import Runner
+from jobsvc.submission import NewJob
+from tests.conftest import make_settings, submit, wait_for_status
 
 DEAD_HOST_OWNER = "elsewhere:1:deadbeef"  # another machine: only lease expiry can tell
 
@@ -139,7 +138,7 @@ async def test_a_worker_presumed_dead_cannot_overwrite_the_new_attempt(db: Datab
     now = repo.utcnow()
     late = ResultData("json", value={"from": "the late worker"})
     async with db.write() as conn:
-        assert not await repo.renew_lease(conn, job_id, "paused:1:aaaa", 1, now)
+        assert not await repo.renew_leases(conn, "paused:1:aaaa", [(job_id, 1)], now)
         assert not await repo.save_progress(conn, job_id, "paused:1:aaaa", 1, 0.9, now)
         assert not await repo.finish_succeeded(conn, job_id, "paused:1:aaaa", 1, late, now)
         assert not await repo.finish_failed_attempt(
@@ -179,10 +178,10 @@ async def test_start_up_recovers_jobs_of_a_previous_run_in_this_process(
     db = Database(settings)
     try:
         job_id = await new_job(db)
-        old = Dispatcher(settings, db)
+        old = Runner(settings, db)
         await claim(db, old.worker_id)  # as if `old` had claimed it, then vanished
-        new = Dispatcher(settings, db)
-        changed = await new.recover()
+        new = Runner(settings, db)
+        changed = await new.rescuer.run_once()
         assert changed == [(job_id, "queued")]
     finally:
         await db.dispose()
@@ -230,69 +229,34 @@ async def test_a_graceful_stop_hands_running_jobs_back_uncounted(
             assert (done["status"], done["attempts"]) == ("succeeded", 1)
 
 
-@pytest.mark.parametrize("broken", ["_request_for", "_execute"])
-async def test_a_fault_in_the_runner_itself_loses_the_attempt_not_the_job(
-    database_url: str, monkeypatch: pytest.MonkeyPatch, broken: str
+async def test_a_fault_in_the_runner_itself_fails_the_attempt_not_the_job(
+    database_url: str,
 ) -> None:
-    # Not a task's failure but the runner's own (a bug, say), before or after the request is
-    # sent: the job must not stay `running` with a lease renewed for ever; it expires, and a
-    # sweep retries the job.
-    real = getattr(Dispatcher, broken)
-
-    def broken_for_the_first_attempt(self: Dispatcher, attempt: Any, *args: Any) -> Any:
-        if attempt.number == 1:
+    # Not a task's failure but the runner's own (a bug, say) while it prepares an attempt:
+    # the attempt ends as a RunnerError and is retried like any failure; the job does not stay
+    # `running` with a lease renewed for ever.
+    def broken_for_the_first_attempt(job_id: str) -> None:
+        if job_id not in broken:
+            broken.add(job_id)
             raise RuntimeError("the runner broke")
-        return real(self, attempt, *args)
 
-    monkeypatch.setattr(Dispatcher, broken, broken_for_the_first_attempt)
-    settings = make_settings(database_url, lease_seconds=1.0)
-    app = create_app(settings, migrate_on_start=False)
+    broken: set[str] = set()
+    settings = make_settings(database_url)
+    faults = FaultHooks(before_request=broken_for_the_first_attempt)
+    app = create_app(settings, migrate_on_start=False, faults=faults)
     async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://jobsvc") as client:
             job = await submit(client, "double", data=[{"a": 1}])
             done = await wait_for_status(client, job["id"], timeout=20)
-            assert (done["status"], done["attempts"]) == ("succeeded", 2)
-            # Its process may have run the broken attempt all the same: the next job must get
-            # its own outcome, not that attempt's reply.
+            assert (done["status"], done["attempts"], done["error"]) == ("succeeded", 2, None)
+            history = await client.get(f"/jobs/{job['id']}/events")
+            errors = [e["error"]["type"] for e in history.json() if e["error"]]
+            assert errors == ["RunnerError"]
             follow = await submit(client, "double", data=[{"a": 21}])
             assert (await wait_for_status(client, follow["id"]))["status"] == "succeeded"
             result = await client.get(f"/jobs/{follow['id']}/result")
             assert result.json() == [{"a": 42}]
-
-
-async def test_a_job_claimed_while_its_process_is_taken_goes_back_uncounted(
-    database_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The claim loop leaves idle processes in the pool while it claims, so the API may take
-    # one meanwhile (to check an upload, to render a result): the job it claimed for that
-    # process then goes back to the queue, its attempt uncounted, and runs later.
-    real_claim = Dispatcher._claim
-    taken: list[Any] = []
-
-    async def claim_then_the_api_takes_the_process(self: Dispatcher, limit: int) -> Any:
-        claimed = await real_claim(self, limit)
-        if claimed and not taken:
-            taken.append(self.take_idle())
-        return claimed
-
-    monkeypatch.setattr(Dispatcher, "_claim", claim_then_the_api_takes_the_process)
-    settings = make_settings(database_url, lease_seconds=300.0)  # no rescue by a sweep
-    app = create_app(settings, migrate_on_start=False)
-    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://jobsvc") as client:
-            job = await submit(client, "double", data=[{"a": 1}])
-            deadline = time.monotonic() + 20
-            given_back = ["queued", "running", "queued"]
-            while (history := await event_statuses(client, job["id"])) != given_back:
-                assert time.monotonic() < deadline, history
-                await asyncio.sleep(0.01)
-            assert (await client.get(f"/jobs/{job['id']}")).json()["attempts"] == 0
-            assert taken[0] is not None
-            app.state.queue.service.dispatcher._idle.put_nowait(taken[0])
-            done = await wait_for_status(client, job["id"], timeout=20)
-            assert (done["status"], done["attempts"]) == ("succeeded", 1)
 
 
 async def test_cancelling_a_running_job_stops_its_process(
@@ -313,7 +277,7 @@ def test_worker_ids_are_unique_per_start() -> None:
     assert all(i.startswith(f"host:{os.getpid()}:") for i in ids)
 
 
-async def test_retry_timer_wakes_the_dispatcher(database_url: str, tmp_path: Path) -> None:
+async def test_retry_timer_wakes_the_runner(database_url: str, tmp_path: Path) -> None:
     """A retry after its backoff starts without waiting for the next poll (here: never)."""
     settings = make_settings(database_url, poll_seconds=300)
     app = create_app(settings, migrate_on_start=False)

@@ -1,4 +1,4 @@
-"""The service assembled: ``JobQueue`` (database, converter pool, dispatcher, routes) and
+"""The service assembled: ``JobQueue`` (database, converter pool, runner, routes) and
 ``create_app``, the standalone FastAPI app that ``jobsvc serve`` runs.
 
 Nothing connects at import time: ``JobQueue.lifespan`` starts everything and stops it again.
@@ -21,13 +21,15 @@ from jobsvc.api.auth import KeyRing, RefuseCrossSite, RequireKey
 from jobsvc.api.limits import BodySizeLimit
 from jobsvc.api.routes import build_jobs_router, build_service_router
 from jobsvc.api.ui import build_ui_router
+from jobsvc.converter import ConverterPool
 from jobsvc.db import Database
 from jobsvc.errors import StorageUnavailable
 from jobsvc.metrics import Metrics
+from jobsvc.runner.faults import FaultHooks
+from jobsvc.runner.runner import Runner
 from jobsvc.service import JobService
 from jobsvc.settings import Settings
 from jobsvc.tasks import import_task_modules
-from jobsvc.worker import ConverterPool, Dispatcher
 
 log = logging.getLogger("jobsvc")
 
@@ -45,6 +47,7 @@ class JobQueue:
         *,
         migrate_on_start: bool = True,
         run_workers: bool = True,
+        faults: FaultHooks | None = None,
         **overrides: Any,
     ) -> None:
         if settings is None:
@@ -54,8 +57,9 @@ class JobQueue:
         self.settings = settings
         self.migrate_on_start = migrate_on_start
         self.run_workers = run_workers
+        self.faults = faults
         self.db: Database | None = None
-        self.dispatcher: Dispatcher | None = None
+        self.runner: Runner | None = None
         self._converter: ConverterPool | None = None
         self._service: JobService | None = None
         self.keys = KeyRing(settings.api_keys)
@@ -71,8 +75,8 @@ class JobQueue:
         return self._service
 
     async def wake(self) -> None:
-        if self.dispatcher is not None:
-            self.dispatcher.notify()
+        if self.runner is not None:
+            self.runner.notify()
 
     async def start(self) -> None:
         import_task_modules(self.settings.task_modules)
@@ -82,19 +86,19 @@ class JobQueue:
         self.db = Database(self.settings)
         self._converter = ConverterPool(size=max(1, min(2, self.settings.workers)))
         if self.run_workers:
-            self.dispatcher = Dispatcher(self.settings, self.db, metrics=self.metrics)
-            await self.dispatcher.start()
+            self.runner = Runner(self.settings, self.db, metrics=self.metrics, faults=self.faults)
+            await self.runner.start()
         self._service = JobService(
-            self.settings, self.db, self._converter, self.dispatcher, self.metrics
+            self.settings, self.db, self._converter, self.runner, self.metrics
         )
 
     async def stop(self) -> None:
         if self._service is not None:
             await self._service.committer.close()
         self._service = None
-        if self.dispatcher is not None:
-            await self.dispatcher.stop()
-            self.dispatcher = None
+        if self.runner is not None:
+            await self.runner.stop()
+            self.runner = None
         if self._converter is not None:
             self._converter.shutdown()
             self._converter = None
@@ -136,10 +140,16 @@ class JobQueue:
             await self.stop()
 
 
-def create_app(settings: Settings | None = None, *, migrate_on_start: bool = True) -> FastAPI:
-    """The standalone service: the job routes at ``/jobs``, plus ``/tasks`` and ``/healthz``."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    migrate_on_start: bool = True,
+    faults: FaultHooks | None = None,
+) -> FastAPI:
+    """The standalone service: the job routes at ``/jobs``, plus ``/tasks`` and ``/healthz``.
+    ``faults``: hooks that make the runner fail where a test or a drill wants it to."""
     settings = settings or Settings()
-    queue = JobQueue(settings, migrate_on_start=migrate_on_start)
+    queue = JobQueue(settings, migrate_on_start=migrate_on_start, faults=faults)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 from rich.text import Text
 
-from jobsvc.models import TERMINAL, JobStatus
+from jobsvc.lifecycle import TERMINAL, JobStatus
 from jobsvc.settings import Settings
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -161,47 +161,87 @@ def prepare_to_run(log_level: str) -> Settings:
     return settings
 
 
+STOPPING_AT_ONCE = (
+    "second signal: stopping at once; the jobs still running will be recovered as after a crash"
+)
+
+
+def stop_at_once(runner: Any) -> NoReturn:
+    """The second stop signal: kill the worker processes and exit, writing nothing."""
+    logging.getLogger("jobsvc").warning(STOPPING_AT_ONCE)
+    if runner is not None:
+        runner.kill_now()
+    logging.shutdown()
+    os._exit(1)
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="The address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="The port to listen on.")] = 8000,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
-    """Run the HTTP API and its workers (migrating the database first)."""
+    """Run the HTTP API and its workers (migrating the database first).
+
+    SIGINT or SIGTERM (Ctrl-C, systemctl stop) stops it gracefully: running jobs get
+    JOBSVC_SHUTDOWN_GRACE seconds, then go back to the queue uncounted. A second signal stops
+    it at once.
+    """
     import uvicorn
 
     from jobsvc.app import create_app
 
     settings = prepare_to_run(log_level)
-    # uvicorn turns SIGTERM into the lifespan's shutdown, which drains the dispatcher.
+    application = create_app(settings, migrate_on_start=False)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit:
+                stop_at_once(application.state.queue.runner)
+            logging.getLogger("jobsvc").info(
+                "%s: stopping; running jobs get %g s to finish (signal again to stop at once)",
+                signal.Signals(sig).name,
+                settings.shutdown_grace,
+            )
+            # Not recorded as uvicorn's captured signal: it would raise it again at the end,
+            # and a graceful stop would end in a KeyboardInterrupt's traceback.
+            self.should_exit = True
+
     # log_config=None: uvicorn's own lines go through the same (text or JSON) handler.
-    uvicorn.run(
-        create_app(settings, migrate_on_start=False),
-        host=host,
-        port=port,
-        log_level=log_level,
-        log_config=None,
-    )
+    config = uvicorn.Config(application, host=host, port=port, log_level=log_level, log_config=None)
+    Server(config).run()
 
 
 async def run_worker(settings: Settings) -> None:
-    """Workers without the HTTP API, until SIGTERM or SIGINT; then a graceful stop."""
+    """Workers without the HTTP API, until SIGTERM or SIGINT; then a graceful stop, or an
+    immediate one at a second signal."""
     from jobsvc.db import Database
+    from jobsvc.runner.runner import Runner
     from jobsvc.tasks import import_task_modules
-    from jobsvc.worker import Dispatcher
 
     import_task_modules(settings.task_modules)
     db = Database(settings)
-    dispatcher = Dispatcher(settings, db)
+    runner = Runner(settings, db)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(signum: signal.Signals) -> None:
+        if stop.is_set():
+            stop_at_once(runner)
+        logging.getLogger("jobsvc").info(
+            "%s: stopping; running jobs get %g s to finish (signal again to stop at once)",
+            signum.name,
+            settings.shutdown_grace,
+        )
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal, signum)
     try:
-        await dispatcher.start()
+        await runner.start()
         logging.getLogger("jobsvc").info("worker ready on %s", settings.database_url)
         await stop.wait()
-        await dispatcher.stop()
+        await runner.stop()
     finally:
         await db.dispose()
 
@@ -210,7 +250,8 @@ async def run_worker(settings: Settings) -> None:
 def worker(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
-    """Run workers only (no HTTP API), for more machines on the same database."""
+    """Run workers only (no HTTP API), for more machines on the same database. Stops as
+    ``serve`` does."""
     asyncio.run(run_worker(prepare_to_run(log_level)))
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from jobsvc import repository as repo
 from jobsvc.db import Database
-from jobsvc.records import InputData, NewJob
+from jobsvc.submission import InputData, NewJob
 
 Pending = tuple[NewJob, InputData | None, "asyncio.Future[Any]"]
 

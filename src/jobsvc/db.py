@@ -41,8 +41,26 @@ _UNAVAILABLE = (
 )
 
 
-def translate(error: DBAPIError) -> Exception:
+# What asyncpg says when the server goes away or is not yet back (a restart, a failover).
+_CONNECTION_LOST = (
+    "connection was closed",
+    "connection is closed",
+    "connection refused",
+    "the database system is shutting down",
+    "the database system is starting up",
+    "terminating connection",
+    "cannot connect now",
+    "connection does not exist",
+)
+
+
+def translate(error: DBAPIError | OSError) -> Exception:
     """The domain error for a driver error, or the driver error itself."""
+    if isinstance(error, OSError) or _connection_lost(error):
+        return StorageUnavailable(
+            f"The database cannot be reached ({_first_line(error)}); nothing was changed. "
+            "Try again later."
+        )
     text = str(error.orig).lower()
     if any(marker in text for marker in _BUSY):
         return DatabaseBusy()
@@ -51,6 +69,18 @@ def translate(error: DBAPIError) -> Exception:
             f"The database cannot take writes ({error.orig}); nothing was changed. Try again later."
         )
     return error
+
+
+def _connection_lost(error: DBAPIError) -> bool:
+    """A connection that broke or could not be made (a PostgreSQL restart, a network fault)."""
+    if error.connection_invalidated or isinstance(error.orig, OSError):
+        return True
+    text = str(error.orig).lower()
+    return any(marker in text for marker in _CONNECTION_LOST)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _sqlite_pragmas(settings: Settings, busy_timeout_ms: int | None = None) -> Any:
@@ -134,7 +164,7 @@ class Database:
         try:
             async with self.engine.begin() as conn:
                 yield conn
-        except DBAPIError as error:
+        except (DBAPIError, OSError) as error:
             raise await self._fault(error) from error
 
     @asynccontextmanager
@@ -196,10 +226,10 @@ class Database:
         try:
             async with self.engine.connect() as conn:
                 yield conn
-        except DBAPIError as error:
+        except (DBAPIError, OSError) as error:
             raise await self._fault(error) from error
 
-    async def _fault(self, error: DBAPIError) -> Exception:
+    async def _fault(self, error: DBAPIError | OSError) -> Exception:
         domain = translate(error)
         if _needs_fresh_connections(domain) and self.engine is not None:
             await self.engine.dispose()

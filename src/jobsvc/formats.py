@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from jobsvc.errors import InvalidData, TooLarge, UnsupportedMediaType
 from jobsvc.files import RESULT_FILE_MIN_BYTES, fsync_directory
-from jobsvc.records import ResultData
+from jobsvc.lifecycle import ResultData
 
 CSV = "text/csv"
 NDJSON = "application/x-ndjson"

@@ -12,7 +12,6 @@ The schema is made only by the Alembic migrations; ``alembic check`` compares it
 
 from __future__ import annotations
 
-import enum
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -37,22 +36,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-
-class JobStatus(enum.StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    RETRYING = "retrying"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-# Waiting to be claimed: a dispatcher may pick these up once their run_at has come.
-WAITING = frozenset({JobStatus.QUEUED, JobStatus.RETRYING})
-ACTIVE = WAITING | {JobStatus.RUNNING}
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
-CANCELLABLE = ACTIVE
-RETRYABLE = frozenset({JobStatus.FAILED, JobStatus.CANCELLED})
+from jobsvc.lifecycle import JobStatus
 
 # The conditions of the partial indexes below, written out with their values: a query must
 # carry the same condition, with literals rather than bound parameters, for the planner (of

@@ -40,18 +40,26 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from jobsvc.lifecycle import (
+    TERMINAL,
+    AttemptError,
+    Decision,
+    JobStatus,
+    Outcome,
+    ResultData,
+    Verdict,
+    lost_worker_error,
+)
 from jobsvc.models import (
     IS_RUNNING,
     IS_WAITING,
-    TERMINAL,
-    JobStatus,
     UTCDateTime,
     job_events,
     job_inputs,
     job_results,
     jobs,
 )
-from jobsvc.records import AttemptError, InputData, NewJob, ResultData
+from jobsvc.submission import InputData, NewJob
 
 # PostgreSQL: a NOTIFY on this channel, sent when jobs become due now, wakes every instance.
 JOBS_CHANNEL = "jobsvc_jobs"
@@ -405,21 +413,8 @@ _CLAIM = (
     .values(_STARTED)
     .returning(*jobs.c)
 )
-# One job by its id, if it is still waiting and due (the job whose upload a worker checked).
-_CLAIM_ONE = (
-    update(jobs)
-    .where(
-        jobs.c.id == bindparam("job_id"),
-        text(IS_WAITING),
-        jobs.c.run_at <= bindparam("due_by", type_=UTCDateTime()),
-    )
-    .values(_STARTED)
-    .returning(*jobs.c)
-)
 _INPUTS = select(job_inputs).where(job_inputs.c.job_id.in_(bindparam("ids", expanding=True)))
 _INPUT = select(job_inputs).where(job_inputs.c.job_id == bindparam("id"))  # compiled once
-_RENEW = update(jobs).where(_FENCE).values(lease_expires_at=_LEASE_UNTIL)
-_MARK_STARTED = update(jobs).where(_FENCE).values(started_at=_AT)
 _SAVE_PROGRESS = (
     update(jobs).where(_FENCE).values(progress=bindparam("new_progress"), updated_at=_AT)
 )
@@ -433,6 +428,10 @@ _SUCCEED = (
         progress=1.0,
         lease_owner=None,
         lease_expires_at=None,
+        # The errors of earlier attempts stay in the events; the job itself has none.
+        error_type=None,
+        error_message=None,
+        error_traceback=None,
     )
 )
 # On PostgreSQL, the fenced status change and the result's insert are one statement: the
@@ -528,25 +527,6 @@ async def claim(
     return sorted(rows, key=_claim_order)
 
 
-async def claim_one(
-    conn: AsyncConnection,
-    job_id: str,
-    worker: str,
-    now: datetime,
-    lease_until: datetime,
-    *,
-    events: Events | None = None,
-) -> tuple[JobRow, Any] | None:
-    """``claim_with_inputs`` for the one job ``job_id``; None if it is not waiting and due."""
-    values = {**_claim_values(worker, now, lease_until, 1), "job_id": job_id}
-    rows = (await conn.execute(_CLAIM_ONE, values)).all()
-    if not rows:
-        return None
-    await _started(conn, rows, worker, now, events)
-    inputs = await get_inputs(conn, [job_id])
-    return rows[0], inputs.get(job_id)
-
-
 async def get_inputs(conn: AsyncConnection, job_ids: Sequence[str]) -> dict[str, JobRow]:
     if len(job_ids) == 1:  # a busy worker's next job: the usual case
         rows = (await conn.execute(_INPUT, {"id": job_ids[0]})).all()
@@ -555,22 +535,28 @@ async def get_inputs(conn: AsyncConnection, job_ids: Sequence[str]) -> dict[str,
     return {row.job_id: row for row in rows}
 
 
-async def renew_lease(
-    conn: AsyncConnection, job_id: str, worker: str, attempt: int, lease_until: datetime
-) -> bool:
-    """Extend the lease; False when the attempt no longer holds it (cancelled, taken over)."""
-    result = await conn.execute(
-        _RENEW, {**_held_by(job_id, worker, attempt), "lease_until": lease_until}
+async def renew_leases(
+    conn: AsyncConnection,
+    worker: str,
+    attempts: Sequence[tuple[str, int]],
+    lease_until: datetime,
+) -> set[tuple[str, int]]:
+    """Extend the leases of these ``(job id, attempt)``s, in one statement; those still held
+    (the others were cancelled or taken over)."""
+    if not attempts:
+        return set()
+    query = (
+        update(jobs)
+        .where(
+            jobs.c.id.in_([job_id for job_id, _ in attempts]),
+            text(IS_RUNNING),
+            jobs.c.lease_owner == worker,
+        )
+        .values(lease_expires_at=lease_until)
+        .returning(jobs.c.id, jobs.c.attempts)
     )
-    return result.rowcount == 1
-
-
-async def mark_started(
-    conn: AsyncConnection, job_id: str, worker: str, attempt: int, now: datetime
-) -> None:
-    """A job claimed ahead for a busy worker process started only now: its start time says
-    when it began to run, not when it was claimed."""
-    await conn.execute(_MARK_STARTED, {**_held_by(job_id, worker, attempt), "at": now})
+    renewed = {(row.id, row.attempts) for row in (await conn.execute(query)).all()}
+    return renewed & set(attempts)
 
 
 async def save_progress(
@@ -645,6 +631,28 @@ async def finish_failed_attempt(
     return True
 
 
+async def record_decision(
+    conn: AsyncConnection,
+    job_id: str,
+    worker: str,
+    attempt: int,
+    decision: Decision,
+    outcome: Outcome,
+    now: datetime,
+) -> bool:
+    """Write what an attempt's outcome made of its job (``lifecycle.decide``), fenced on the
+    attempt's lease; False if the fence failed (cancelled or taken over meanwhile)."""
+    if decision.verdict is Verdict.HAND_BACK:
+        return await release(conn, job_id, worker, attempt, now)
+    if decision.verdict is Verdict.SUCCEED:
+        assert outcome.result is not None
+        return await finish_succeeded(conn, job_id, worker, attempt, outcome.result, now)
+    assert outcome.error is not None
+    return await finish_failed_attempt(
+        conn, job_id, worker, attempt, outcome.error, now, decision.retry_at
+    )
+
+
 async def release(
     conn: AsyncConnection, job_id: str, worker: str, attempt: int, now: datetime
 ) -> bool:
@@ -674,9 +682,13 @@ async def running_lease_owners(conn: AsyncConnection) -> set[str]:
 
 
 async def reclaim_lost(
-    conn: AsyncConnection, now: datetime, dead_owners: Collection[str] = ()
+    conn: AsyncConnection,
+    now: datetime,
+    dead_owners: Collection[str] = (),
+    keep: Collection[str] = (),
 ) -> list[tuple[str, str]]:
-    """Running jobs whose lease expired, or whose owner is known dead, lost their attempt.
+    """Running jobs whose lease expired, or whose owner is known dead, lost their attempt;
+    except the jobs in ``keep`` (the caller's own, still held).
 
     Each goes back to the queue while attempts remain, else ends ``failed`` with
     ``WorkerLost``. Returns ``(job_id, new status)`` for each.
@@ -689,15 +701,10 @@ async def reclaim_lost(
     )
     changed: list[tuple[str, str]] = []
     for job_id, owner, attempts, max_attempts in (await conn.execute(query)).all():
+        if job_id in keep:
+            continue
         exhausted = attempts >= max_attempts
-        error = AttemptError(
-            type="WorkerLost",
-            message=(
-                f"attempt {attempts} of {max_attempts} was cut off: its worker ({owner}) "
-                "stopped without finishing it (crash, kill or lost lease)"
-                + ("; no attempts remain" if exhausted else "; the job was queued again")
-            ),
-        )
+        error = lost_worker_error(attempts, max_attempts, owner)
         if exhausted:
             ok = await finish_failed_attempt(conn, job_id, owner, attempts, error, now, None)
             status = JobStatus.FAILED
@@ -731,12 +738,16 @@ async def next_due_at(conn: AsyncConnection) -> datetime | None:
     return value
 
 
-async def release_all(conn: AsyncConnection, worker: str, now: datetime) -> int:
-    """Hand back every job ``worker`` still runs, uncounted (the end of a graceful stop)."""
+async def release_all(
+    conn: AsyncConnection, worker: str, now: datetime, keep: Collection[str] = ()
+) -> int:
+    """Hand back every job ``worker`` still runs but those in ``keep``, uncounted (the end of
+    a graceful stop)."""
     query = select(jobs.c.id, jobs.c.attempts).where(text(IS_RUNNING), jobs.c.lease_owner == worker)
     released = 0
     for job_id, attempts in (await conn.execute(query)).all():
-        released += await release(conn, job_id, worker, attempts, now)
+        if job_id not in keep:
+            released += await release(conn, job_id, worker, attempts, now)
     return released
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from jobsvc.models import JobStatus
+from jobsvc.lifecycle import JobStatus
 
 
 def _as_utc(value: datetime | None) -> datetime | None:

@@ -1,22 +1,23 @@
 """The use cases: submit, read, list, cancel, retry, fetch a result.
 
-The service owns the transactions and the rules of the job vocabulary (which states may be
-cancelled or retried); the repository only runs statements. CPU work on user data (parsing an
-upload, rendering a result) goes to the converter pool, a process pool, never the event loop.
+The service owns the transactions and applies the job vocabulary (``lifecycle``: which
+states may be cancelled or retried); the repository only runs statements. CPU work on user
+data (parsing an upload, rendering a result) goes to the ``Converter``, never the event loop.
+The service never reaches into the runner: it tells it of new work and of cancelled jobs
+through ``RunnerSignals``, and that is all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 from sqlalchemy import event
@@ -26,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from jobsvc import formats
 from jobsvc import repository as repo
 from jobsvc.committer import GroupCommit
+from jobsvc.converter import Converter
 from jobsvc.db import Database
 from jobsvc.errors import (
     Conflict,
@@ -38,13 +40,12 @@ from jobsvc.errors import (
     problems,
 )
 from jobsvc.files import FileStore
+from jobsvc.lifecycle import CANCELLABLE, RETRYABLE, TERMINAL, JobStatus
 from jobsvc.metrics import Metrics
-from jobsvc.models import CANCELLABLE, RETRYABLE, TERMINAL, JobStatus
-from jobsvc.records import InputData, NewJob
 from jobsvc.settings import Settings
+from jobsvc.submission import InputData, NewJob
 from jobsvc.tasks import registry
 from jobsvc.tasks.registry import function_path, task_for
-from jobsvc.worker import ConverterPool, Dispatcher, WorkerProcess
 
 
 @dataclass(frozen=True)
@@ -105,19 +106,41 @@ def files_unavailable(error: OSError) -> StorageUnavailable:
     )
 
 
+class RunnerSignals(Protocol):
+    """What the service tells this instance's runner (``runner.Runner`` has both)."""
+
+    def notify(self) -> None:
+        """There may be new work due now."""
+
+    def abort(self, job_id: str) -> bool:
+        """The job was cancelled: stop its attempt here, if one runs here."""
+        ...
+
+
+class NoRunner:
+    """An instance without a runner (the API alone): other instances learn of new work by
+    NOTIFY or by their poll, and stop a cancelled job at their next heartbeat."""
+
+    def notify(self) -> None:
+        return None
+
+    def abort(self, job_id: str) -> bool:
+        return False
+
+
 class JobService:
     def __init__(
         self,
         settings: Settings,
         db: Database,
-        converter: ConverterPool,
-        dispatcher: Dispatcher | None = None,
+        converter: Converter,
+        runner: RunnerSignals | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.converter = converter
-        self.dispatcher = dispatcher
+        self.runner: RunnerSignals = runner or NoRunner()
         self.metrics = metrics or Metrics()
         self.committer = GroupCommit(db)
         self.files = FileStore.for_settings(settings)
@@ -128,14 +151,8 @@ class JobService:
         )
 
     async def convert(self, func: Any, *args: Any, **kwargs: Any) -> Any:
-        """``func(*args, **kwargs)`` off the event loop: CPU work on a request's data. An idle
-        worker process does it if there is one; else a converter process."""
-        call = functools.partial(func, *args, **kwargs)
-        if self.dispatcher is not None:
-            done, value = await self.dispatcher.convert_on_idle(call)
-            if done:
-                return value
-        return await self.converter.run(call)
+        """``func(*args, **kwargs)`` off the event loop: CPU work on a request's data."""
+        return await self.converter.run(func, *args, **kwargs)
 
     # --- submit ------------------------------------------------------------------------------
 
@@ -231,21 +248,25 @@ class JobService:
             raise files_unavailable(error) from None
         # Both before the commit, side by side: the parse that checks the upload, and the
         # disk's flush of it (for a 39 MB CSV, 0.08 s that the parse's 0.15 s now hides).
-        checking = self._check_kept(job.id, path, media_type, cache, spec)
+        checking = self.convert(
+            formats.parse_upload,
+            str(path),
+            media_type,
+            self.limits,
+            cache_at=str(files.path(cache)),
+            durable_cache=files.cache_is_durable,
+            digest=spec.idempotency_key is not None,
+        )
         flushing = asyncio.to_thread(files.make_durable, kept)
         outcomes = await asyncio.gather(checking, flushing, return_exceptions=True)
         failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
-        checked = outcomes[0]
-        holder = checked[1] if isinstance(checked, tuple) else None
         if failure is not None:
-            if holder is not None:
-                await self._release(holder)
             await files.discard([kept])  # and its parsed copy, if the parse got that far
             if isinstance(failure, OSError):
                 raise files_unavailable(failure) from None
             raise failure
-        assert isinstance(checked, tuple)
-        parsed = checked[0]
+        parsed = outcomes[0]
+        assert isinstance(parsed, formats.ParsedUpload)
         data = InputData(
             parsed.format,
             None,
@@ -256,53 +277,10 @@ class JobService:
         )
         # If the insert fails the files stay: a failed commit may still have committed (a
         # connection lost during COMMIT), and a file no row names is pruned after an hour.
-        try:
-            submitted = await self._insert(self._bound_to_data(spec, job, parsed), data)
-        except BaseException:
-            if holder is not None:
-                await self._release(holder)
-            raise
+        submitted = await self._insert(self._bound_to_data(spec, job, parsed), data)
         if not submitted.created:
-            if holder is not None:
-                await self._release(holder)
             await files.discard([kept])  # an earlier submit's job is the answer: no one's files
-        elif holder is not None and self.dispatcher is not None:
-            await self.dispatcher.run_checked(job.id, holder)
         return submitted
-
-    async def _check_kept(
-        self, job_id: str, path: Path, media_type: str, cache: str, spec: JobSpec
-    ) -> tuple[formats.ParsedUpload, WorkerProcess | None]:
-        """Parse and check a kept upload. A worker process idle now checks a CSV or NDJSON
-        upload and then runs its job with the table it parsed (returned: the process that
-        holds it); else a converter process checks it and leaves the table as the parsed
-        copy ``cache``, for whichever worker runs the job."""
-        digest = spec.idempotency_key is not None
-        due_now = spec.run_at is None or spec.run_at <= self.db.now()
-        checker = None
-        if self.dispatcher is not None and media_type in formats.TEXT_UPLOADS and due_now:
-            checker = self.dispatcher.take_idle()
-        if checker is not None and self.dispatcher is not None:
-            parsed = await self.dispatcher.check_upload(
-                checker, job_id, str(path), media_type, self.limits, digest
-            )
-            if parsed is not None:
-                return parsed, checker
-        assert self.files is not None
-        parsed = await self.convert(
-            formats.parse_upload,
-            str(path),
-            media_type,
-            self.limits,
-            cache_at=str(self.files.path(cache)),
-            durable_cache=self.files.cache_is_durable,
-            digest=digest,
-        )
-        return parsed, None
-
-    async def _release(self, holder: WorkerProcess) -> None:
-        if self.dispatcher is not None:
-            await self.dispatcher.release_checked(holder)
 
     @staticmethod
     def _bound_to_data(spec: JobSpec, job: NewJob, parsed: formats.ParsedUpload) -> NewJob:
@@ -361,8 +339,7 @@ class JobService:
         async with self.db.write() as conn:
             rows = [await repo.insert_job(conn, p.job, p.data, now) for p in prepared]
             await repo.announce_due_jobs(conn)
-        if self.dispatcher is not None:
-            self.dispatcher.notify()
+        self.runner.notify()
         return rows
 
     async def enqueue_in(
@@ -377,11 +354,11 @@ class JobService:
         conn = await session.connection() if isinstance(session, AsyncSession) else session
         await repo.insert_jobs(conn, [(prepared.job, prepared.data)], self.db.now())
         await repo.announce_due_jobs(conn)  # PostgreSQL delivers it only if they commit
-        if self.dispatcher is not None and isinstance(session, AsyncSession):
-            dispatcher = self.dispatcher
+        if isinstance(session, AsyncSession):
+            runner = self.runner
             # Wake our workers when (and only if) the caller commits.
             event.listen(
-                session.sync_session, "after_commit", lambda _s: dispatcher.notify(), once=True
+                session.sync_session, "after_commit", lambda _s: runner.notify(), once=True
             )
         return prepared.id
 
@@ -508,8 +485,7 @@ class JobService:
                 await self._explain_refusal(conn, job_id, owner, "cancelled", CANCELLABLE)
         # A running attempt here stops now; one on another instance stops at its next
         # heartbeat, and its late writes are fenced off either way.
-        if self.dispatcher is not None:
-            self.dispatcher.abort(job_id)
+        self.runner.abort(job_id)
         assert row is not None
         return row
 
@@ -537,8 +513,7 @@ class JobService:
             if row is None:
                 await self._explain_refusal(conn, job_id, owner, "retried", RETRYABLE)
             await repo.announce_due_jobs(conn)
-        if self.dispatcher is not None:
-            self.dispatcher.notify()
+        self.runner.notify()
         assert row is not None
         return row
 

@@ -27,8 +27,8 @@ from jobsvc.errors import (
     problems,
 )
 from jobsvc.formats import JSON_MEDIA as JSON
+from jobsvc.lifecycle import JobStatus
 from jobsvc.metrics import CONTENT_TYPE as metrics_content_type
-from jobsvc.models import JobStatus
 from jobsvc.schemas import (
     EventOut,
     Health,

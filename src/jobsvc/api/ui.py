@@ -25,7 +25,7 @@ from starlette.routing import NoMatchFound
 from jobsvc.api.errors import JobsvcRoute, status_of
 from jobsvc.api.routes import Runtime
 from jobsvc.errors import Conflict, JobsvcError, NotFound
-from jobsvc.models import ACTIVE, CANCELLABLE, RETRYABLE, JobStatus
+from jobsvc.lifecycle import ACTIVE, CANCELLABLE, RETRYABLE, JobStatus
 from jobsvc.service import JobService
 from jobsvc.tasks import registry
 

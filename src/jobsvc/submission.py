@@ -1,7 +1,7 @@
-"""The values that cross layers: a new job, its input, an attempt's outcome.
+"""A job as it is submitted, before it is stored: what to run, and its input data.
 
-Plain frozen dataclasses with no dependencies, so the worker processes, the service and the
-repository all speak them without importing each other.
+Plain frozen dataclasses with no dependencies, made by the service and stored by the
+repository.
 """
 
 from __future__ import annotations
@@ -35,20 +35,3 @@ class InputData:
     columns: int
     path: str | None = None
     size_bytes: int = 0  # of the file, when there is one
-
-
-@dataclass(frozen=True)
-class AttemptError:
-    type: str
-    message: str
-    traceback: str | None = None
-    retryable: bool = True  # False for a task's PermanentError: the job fails at once
-
-
-@dataclass(frozen=True)
-class ResultData:
-    kind: str  # 'dataframe', 'json' or 'none'
-    data: bytes | None = None  # a DataFrame as Parquet, unless it was written to ``path``
-    value: dict[str, Any] | None = None
-    rows: int | None = None
-    path: str | None = None  # the name of an Arrow file in the files directory

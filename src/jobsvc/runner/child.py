@@ -1,0 +1,119 @@
+"""The body of a worker process: receive a job, run its task, send back the outcome.
+
+Runs in a child process, so pandas never competes with the event loop for the interpreter.
+It does no database work: everything it learns goes back over its socket (``protocol``), and
+the service writes it. A process that dies mid-job (segfault, out of memory, ``kill -9``) is
+noticed by the service as end-of-file on the socket.
+
+It never acts on SIGINT or SIGTERM (``processes``): a stop is the main process's to handle.
+A task that raises ``KeyboardInterrupt`` or ``SystemExit`` ends this process: that is not an
+error of the task's data, and the attempt ends as if the process had been killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import socket
+import time
+import traceback
+from typing import Any
+
+from jobsvc import formats, logs, processes
+from jobsvc.lifecycle import AttemptError, ResultData
+from jobsvc.runner.protocol import RunRequest, receive_message, send_message
+from jobsvc.tasks import progress, registry
+from jobsvc.tasks.registry import PermanentError, import_task_modules, resolve_function
+
+_PROGRESS_INTERVAL = 0.2
+# The exit status of a worker whose task raised SystemExit or KeyboardInterrupt.
+EXIT_TASK_ENDED_PROCESS = 3
+
+
+def _progress_sender(sock: socket.socket) -> Any:
+    last_sent = 0.0
+
+    def send(value: float) -> None:
+        nonlocal last_sent
+        now = time.monotonic()
+        # Fewer messages, fewer writes: a tight loop reporting progress must not flood the DB.
+        if value >= 1.0 or now - last_sent >= _PROGRESS_INTERVAL:
+            last_sent = now
+            send_message(sock, ("progress", value))
+
+    return send
+
+
+def run(request: RunRequest) -> ResultData:
+    if request.input_format == "call":  # a function queued by add_task, by its import path
+        args, kwargs = formats.decode_call(request.input_data or b"")
+        function = resolve_function(request.task)
+        return formats.encode_result(function(*args, **kwargs), request.result_path)
+    task = registry.get(request.task)
+    if task is None:
+        raise LookupError(f"no task named {request.task!r} is registered in the worker")
+    frame = formats.load_input(
+        request.input_format, request.input_data, request.input_path, request.input_cache
+    )
+    if request.input_cache is not None:
+        # Read once: its disk space is free again now (the mapping lives on), and a later
+        # attempt parses the upload itself.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(request.input_cache)
+    return formats.encode_result(task.call(frame, request.params), request.result_path)
+
+
+def _cap_memory(megabytes: int | None) -> None:
+    if megabytes is None:
+        return
+    limit = megabytes * 1024 * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def main(
+    sock: socket.socket,
+    task_modules: list[str],
+    niceness: int,
+    memory_mb: int | None = None,
+    log: tuple[str, str] = ("info", "text"),
+) -> None:
+    processes.ignore_stop_signals()
+    if niceness:
+        os.nice(niceness)
+    _cap_memory(memory_mb)
+    logs.configure(*log)
+    import_task_modules(task_modules)
+    progress.set_sink(_progress_sender(sock))
+    while True:
+        try:
+            request = receive_message(sock)
+        except (EOFError, OSError):
+            return  # the service is gone
+        if request is None:
+            return
+        resident = processes.resident_bytes()
+        try:
+            with logs.job_context(request.job_id, request.attempt):
+                outcome = run(request)
+            send_message(sock, ("ok", outcome))
+        except (KeyboardInterrupt, SystemExit) as error:
+            logging.getLogger("jobsvc.worker").error(
+                "job %s: the task raised %s; its worker process ends",
+                request.job_id,
+                type(error).__name__,
+            )
+            os._exit(EXIT_TASK_ENDED_PROCESS)
+        except Exception as error:  # MemoryError under the cap is the task's failure too
+            failure = AttemptError(
+                type(error).__name__,
+                str(error),
+                traceback.format_exc(),
+                retryable=not isinstance(error, PermanentError),
+            )
+            send_message(sock, ("error", failure))
+        processes.release_memory_above(resident)
