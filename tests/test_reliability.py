@@ -179,7 +179,7 @@ async def test_start_up_recovers_jobs_of_a_previous_run_in_this_process(
     try:
         job_id = await new_job(db)
         old = Runner(settings, db)
-        await claim(db, old.worker_id)  # as if `old` had claimed it, then vanished
+        await claim(db, old.runner_id)  # as if `old` had claimed it, then vanished
         new = Runner(settings, db)
         changed = await new.rescuer.run_once()
         assert changed == [(job_id, "queued")]
@@ -271,8 +271,8 @@ async def test_cancelling_a_running_job_stops_its_process(
     assert (await client.get(f"/jobs/{job['id']}")).json()["status"] == "cancelled"
 
 
-def test_worker_ids_are_unique_per_start() -> None:
-    ids = {repo.new_worker_id("host") for _ in range(100)}
+def test_runner_ids_are_unique_per_start() -> None:
+    ids = {repo.new_runner_id("host") for _ in range(100)}
     assert len(ids) == 100
     assert all(i.startswith(f"host:{os.getpid()}:") for i in ids)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from jobsvc.loops import BackgroundLoop
 from jobsvc.repository import JOBS_CHANNEL
 
 log = logging.getLogger("jobsvc.listen")
@@ -26,16 +27,13 @@ class JobListener:
         url = make_url(database_url).set(drivername="postgresql")
         self._dsn = url.render_as_string(hide_password=False)
         self._on_notify = on_notify
-        self._task: asyncio.Task[None] | None = None
+        self._loop = BackgroundLoop("jobsvc-listen", self._listen_forever)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._listen_forever(), name="jobsvc-listen")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._loop.stop()
 
     async def _listen_forever(self) -> None:
         import asyncpg

@@ -100,7 +100,7 @@ def new_job_id() -> str:
     return f"{hex_[:8]}-{hex_[8:12]}-{hex_[12:16]}-{hex_[16:20]}-{hex_[20:]}"
 
 
-def new_worker_id(host: str) -> str:
+def new_runner_id(host: str) -> str:
     """Unique per process start: host, pid, and a random token so a reused pid never matches."""
     return f"{host}:{os.getpid()}:{secrets.token_hex(4)}"
 
@@ -460,22 +460,17 @@ _StoredInput = namedtuple("_StoredInput", ["format", "data", "path"])
 
 
 async def claim_with_inputs(
-    conn: AsyncConnection,
-    worker: str,
-    now: datetime,
-    lease_until: datetime,
-    limit: int = 1,
-    *,
-    events: Events | None = None,
+    conn: AsyncConnection, runner: str, now: datetime, lease_until: datetime, limit: int
 ) -> list[tuple[JobRow, Any]]:
     """``claim``, with each job's input (``format``, ``data``, ``path``; None without one)."""
     if conn.dialect.name != "postgresql":
-        claimed = await claim(conn, worker, now, lease_until, limit, events=events)
+        claimed = await claim(conn, runner, now, lease_until, limit)
         inputs = await get_inputs(conn, [job.id for job in claimed]) if claimed else {}
         return [(job, inputs.get(job.id)) for job in claimed]
-    values = _claim_values(worker, now, lease_until, limit)
-    rows = (await conn.execute(_CLAIM_WITH_INPUTS, values)).all()
-    await _started(conn, rows, worker, now, events)
+    rows = (
+        await conn.execute(_CLAIM_WITH_INPUTS, _claim_values(runner, now, lease_until, limit))
+    ).all()
+    await _started(conn, rows, runner, now)
     return [
         (row, _StoredInput(row.input_format, row.input_data, row.input_path))
         if row.input_format is not None
@@ -484,11 +479,11 @@ async def claim_with_inputs(
     ]
 
 
-def _claim_values(worker: str, now: datetime, lease_until: datetime, limit: int) -> dict[str, Any]:
+def _claim_values(runner: str, now: datetime, lease_until: datetime, limit: int) -> dict[str, Any]:
     return {
         "due_by": now,
         "claim_limit": limit,
-        "claimer": worker,
+        "claimer": runner,
         "lease_until": lease_until,
         "at": now,
     }
@@ -498,32 +493,27 @@ def _claim_order(row: Any) -> tuple[Any, ...]:
     return (row.priority, row.run_at, row.id)
 
 
-async def _started(
-    conn: AsyncConnection, rows: Sequence[Any], worker: str, now: datetime, events: Events | None
-) -> None:
-    started: Events = [] if events is None else events
+async def _started(conn: AsyncConnection, rows: Sequence[Any], runner: str, now: datetime) -> None:
+    """The claimed jobs' ``running`` events, in one statement."""
+    events: Events = []
     for row in rows:
         await add_event(
-            conn, row.id, JobStatus.RUNNING, row.attempts, now, worker=worker, into=started
+            conn, row.id, JobStatus.RUNNING, row.attempts, now, worker=runner, into=events
         )
-    if events is None:
-        await add_events(conn, started)
+    await add_events(conn, events)
 
 
 async def claim(
     conn: AsyncConnection,
-    worker: str,
+    runner: str,
     now: datetime,
     lease_until: datetime,
     limit: int = 1,
-    *,
-    events: Events | None = None,
 ) -> list[JobRow]:
     """Take up to ``limit`` due jobs (by priority, then due time) and start an attempt of each,
-    in one statement; the rows, in claim order. Their events go to ``events`` if given."""
-    values = _claim_values(worker, now, lease_until, limit)
-    rows = (await conn.execute(_CLAIM, values)).all()
-    await _started(conn, rows, worker, now, events)
+    in one statement, leased to ``runner``; the rows, in claim order."""
+    rows = (await conn.execute(_CLAIM, _claim_values(runner, now, lease_until, limit))).all()
+    await _started(conn, rows, runner, now)
     return sorted(rows, key=_claim_order)
 
 
@@ -573,8 +563,6 @@ async def finish_succeeded(
     attempt: int,
     result: ResultData,
     now: datetime,
-    *,
-    events: Events | None = None,
 ) -> bool:
     """Store the result and the status change together, once; False if the fence failed."""
     fence = {**_held_by(job_id, worker, attempt), "at": now}
@@ -599,7 +587,7 @@ async def finish_succeeded(
         if (await conn.execute(_SUCCEED, fence)).rowcount != 1:
             return False
         await insert_rows(conn, job_results, [result_row])
-    await add_event(conn, job_id, JobStatus.SUCCEEDED, attempt, now, worker=worker, into=events)
+    await add_event(conn, job_id, JobStatus.SUCCEEDED, attempt, now, worker=worker)
     return True
 
 
@@ -611,8 +599,6 @@ async def finish_failed_attempt(
     error: AttemptError,
     now: datetime,
     retry_at: datetime | None,
-    *,
-    events: Events | None = None,
 ) -> bool:
     """Record a failed attempt: ``retrying`` until ``retry_at``, or ``failed`` when None."""
     status = JobStatus.RETRYING if retry_at is not None else JobStatus.FAILED
@@ -627,7 +613,7 @@ async def finish_failed_attempt(
     )
     if changed.rowcount != 1:
         return False
-    await add_event(conn, job_id, status, attempt, now, worker=worker, error=error, into=events)
+    await add_event(conn, job_id, status, attempt, now, worker=worker, error=error)
     return True
 
 

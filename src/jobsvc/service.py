@@ -471,49 +471,61 @@ class JobService:
 
     async def cancel(self, job_id: str, owner: str | None = None) -> repo.JobRow:
         now = self.db.now()
-        async with self.db.write() as conn:
-            row = await repo.transition(
-                conn,
-                job_id,
-                owner=owner,
-                allowed_from=CANCELLABLE,
-                status=JobStatus.CANCELLED,
-                now=now,
-                values={"finished_at": now, "lease_owner": None, "lease_expires_at": None},
-            )
-            if row is None:
-                await self._explain_refusal(conn, job_id, owner, "cancelled", CANCELLABLE)
+        row = await self._move(
+            job_id,
+            owner,
+            "cancelled",
+            CANCELLABLE,
+            JobStatus.CANCELLED,
+            {"finished_at": now, "lease_owner": None, "lease_expires_at": None},
+            now,
+        )
         # A running attempt here stops now; one on another instance stops at its next
         # heartbeat, and its late writes are fenced off either way.
         self.runner.abort(job_id)
-        assert row is not None
         return row
 
     async def retry(self, job_id: str, owner: str | None = None) -> repo.JobRow:
         now = self.db.now()
+        reset = {
+            "attempts": 0,
+            "run_at": now,
+            "started_at": None,
+            "finished_at": None,
+            "progress": None,
+            "error_type": None,
+            "error_message": None,
+            "error_traceback": None,
+        }
+        row = await self._move(job_id, owner, "retried", RETRYABLE, JobStatus.QUEUED, reset, now)
+        self.runner.notify()
+        return row
+
+    async def _move(
+        self,
+        job_id: str,
+        owner: str | None,
+        verb: str,
+        allowed: frozenset[str],
+        status: JobStatus,
+        values: dict[str, Any],
+        now: datetime,
+    ) -> repo.JobRow:
+        """A user's transition (``lifecycle``): made, or refused with why."""
         async with self.db.write() as conn:
             row = await repo.transition(
                 conn,
                 job_id,
                 owner=owner,
-                allowed_from=RETRYABLE,
-                status=JobStatus.QUEUED,
+                allowed_from=allowed,
+                status=status,
                 now=now,
-                values={
-                    "attempts": 0,
-                    "run_at": now,
-                    "started_at": None,
-                    "finished_at": None,
-                    "progress": None,
-                    "error_type": None,
-                    "error_message": None,
-                    "error_traceback": None,
-                },
+                values=values,
             )
             if row is None:
-                await self._explain_refusal(conn, job_id, owner, "retried", RETRYABLE)
-            await repo.announce_due_jobs(conn)
-        self.runner.notify()
+                await self._explain_refusal(conn, job_id, owner, verb, allowed)
+            if status is JobStatus.QUEUED:
+                await repo.announce_due_jobs(conn)
         assert row is not None
         return row
 

@@ -20,15 +20,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobsvc import repository as repo
 from jobsvc import retry
-from jobsvc.db import Database
 from jobsvc.errors import StorageUnavailable
 from jobsvc.files import FileStore
 from jobsvc.lifecycle import Decision, Outcome, Verdict, decide
 from jobsvc.runner.attempt import Attempt
+from jobsvc.runner.context import RunnerContext
 from jobsvc.runner.faults import FaultHooks
 from jobsvc.runner.leases import Leases
-from jobsvc.runner.writes import WriteBatch
-from jobsvc.settings import Settings
 
 log = logging.getLogger("jobsvc.runner")
 _FIRST_PAUSE = 0.05
@@ -39,20 +37,17 @@ _TRIES_FOR_OTHER_ERRORS = 3
 class Completer:
     def __init__(
         self,
-        settings: Settings,
-        db: Database,
-        writes: WriteBatch,
+        context: RunnerContext,
         leases: Leases,
-        worker_id: str,
         files: FileStore | None,
         faults: FaultHooks,
         on_retry_due: Callable[[float], None],
     ) -> None:
-        self.settings = settings
-        self.db = db
-        self.writes = writes
+        self.settings = context.settings
+        self.db = context.db
+        self.writes = context.writes
+        self.runner_id = context.runner_id
         self.leases = leases
-        self.worker_id = worker_id
         self.files = files
         self.faults = faults
         self._on_retry_due = on_retry_due
@@ -90,7 +85,7 @@ class Completer:
 
         async def write(conn: AsyncConnection) -> bool:
             return await repo.record_decision(
-                conn, attempt.job_id, self.worker_id, attempt.number, decision, outcome, now
+                conn, attempt.job_id, self.runner_id, attempt.number, decision, outcome, now
             )
 
         return self.writes.submit(write)

@@ -10,7 +10,6 @@ attempt whose lease another instance took over, or whose job was cancelled, is a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from datetime import timedelta
@@ -18,29 +17,22 @@ from datetime import timedelta
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobsvc import repository as repo
-from jobsvc.db import Database
+from jobsvc.loops import BackgroundLoop
 from jobsvc.runner.attempt import Attempt
-from jobsvc.runner.writes import WriteBatch
+from jobsvc.runner.context import RunnerContext
 
 log = logging.getLogger("jobsvc.runner")
 
 
 class Leases:
-    def __init__(
-        self,
-        db: Database,
-        writes: WriteBatch,
-        worker_id: str,
-        lease_seconds: float,
-        on_lost: Callable[[Attempt], None],
-    ) -> None:
-        self.db = db
-        self.writes = writes
-        self.worker_id = worker_id
-        self.lease_seconds = lease_seconds
+    def __init__(self, context: RunnerContext, on_lost: Callable[[Attempt], None]) -> None:
+        self.db = context.db
+        self.writes = context.writes
+        self.runner_id = context.runner_id
+        self.lease_seconds = context.settings.lease_seconds
         self._on_lost = on_lost
         self._held: dict[str, Attempt] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._loop = BackgroundLoop("jobsvc-heartbeat", self._renew_forever)
 
     def hold(self, attempt: Attempt) -> None:
         self._held[attempt.job_id] = attempt
@@ -60,14 +52,10 @@ class Leases:
         return set(self._held)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._renew_forever(), name="jobsvc-heartbeat")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._loop.stop()
 
     async def renew(self) -> None:
         """Renew every held lease now; abort the attempts that no longer hold theirs."""
@@ -78,7 +66,7 @@ class Leases:
         pairs = [(a.job_id, a.number) for a in attempts]
 
         async def write(conn: AsyncConnection) -> set[tuple[str, int]]:
-            return await repo.renew_leases(conn, self.worker_id, pairs, until)
+            return await repo.renew_leases(conn, self.runner_id, pairs, until)
 
         kept = await self.writes.submit(write)
         for attempt in attempts:

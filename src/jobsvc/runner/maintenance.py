@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from jobsvc import retention
 from jobsvc.db import Database
 from jobsvc.errors import StorageUnavailable
 from jobsvc.files import FileStore
+from jobsvc.loops import BackgroundLoop
 from jobsvc.metrics import Metrics
 
 log = logging.getLogger("jobsvc.runner")
@@ -41,20 +41,16 @@ class Periodic:
     def __init__(self, interval: float, first_delay: float | None = None) -> None:
         self.interval = interval
         self.first_delay = interval if first_delay is None else first_delay
-        self._task: asyncio.Task[None] | None = None
+        self._loop = BackgroundLoop(f"jobsvc-{self.name}", self._run_forever)
 
     async def run_once(self) -> None:
         raise NotImplementedError
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run_forever(), name=f"jobsvc-{self.name}")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._loop.stop()
 
     async def _run_forever(self) -> None:
         delay = self.first_delay

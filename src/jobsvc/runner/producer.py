@@ -21,10 +21,10 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobsvc import repository as repo
-from jobsvc.db import Database
 from jobsvc.errors import StorageUnavailable
+from jobsvc.loops import BackgroundLoop
 from jobsvc.runner.attempt import Attempt
-from jobsvc.runner.writes import WriteBatch
+from jobsvc.runner.context import RunnerContext
 
 log = logging.getLogger("jobsvc.runner")
 
@@ -34,28 +34,24 @@ class Producer:
         self,
         queue: str,
         slots: int,
+        context: RunnerContext,
         *,
-        db: Database,
-        writes: WriteBatch,
-        worker_id: str,
-        lease_seconds: float,
-        poll_seconds: float,
         start: Callable[[Attempt], None],
         hand_back: Callable[[Attempt], None],
     ) -> None:
         self.queue = queue
         self.slots = slots
-        self.db = db
-        self.writes = writes
-        self.worker_id = worker_id
-        self.lease_seconds = lease_seconds
-        self.poll_seconds = poll_seconds
+        self.db = context.db
+        self.writes = context.writes
+        self.runner_id = context.runner_id
+        self.lease_seconds = context.settings.lease_seconds
+        self.poll_seconds = context.settings.poll_seconds
         self._start = start
         self._hand_back = hand_back
         self.active = 0  # slots taken: by running attempts, and by a claim under way
         self._claiming: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._loop: asyncio.Task[None] | None = None
+        self._loop = BackgroundLoop(f"jobsvc-producer-{queue}", self._claim_forever)
         self.stopping = False
 
     @property
@@ -81,7 +77,7 @@ class Producer:
         lease_until = now + timedelta(seconds=self.lease_seconds)
 
         async def write(conn: AsyncConnection) -> list[tuple[Any, Any]]:
-            return await repo.claim_with_inputs(conn, self.worker_id, now, lease_until, wanted)
+            return await repo.claim_with_inputs(conn, self.runner_id, now, lease_until, wanted)
 
         claimed = self.writes.submit(write)
         self._claiming = asyncio.create_task(self._take(claimed, wanted), name="jobsvc-claim")
@@ -107,9 +103,7 @@ class Producer:
                 self._start(attempt)
 
     async def start(self) -> None:
-        self._loop = asyncio.create_task(
-            self._claim_forever(), name=f"jobsvc-producer-{self.queue}"
-        )
+        self._loop.start()
 
     async def _claim_forever(self) -> None:
         while not self.stopping:
@@ -127,10 +121,7 @@ class Producer:
     async def stop(self) -> None:
         """Claim no more; a claim under way hands back what it gets."""
         self.stopping = True
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+        await self._loop.stop()
         if self._claiming is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._claiming)

@@ -32,6 +32,7 @@ from jobsvc.listen import JobListener
 from jobsvc.metrics import Metrics
 from jobsvc.runner.attempt import Attempt
 from jobsvc.runner.completer import Completer, discard_result_file
+from jobsvc.runner.context import RunnerContext
 from jobsvc.runner.executor import Executor
 from jobsvc.runner.faults import FaultHooks
 from jobsvc.runner.leases import Leases
@@ -59,33 +60,24 @@ class Runner:
         self.db = db
         self.metrics = metrics or Metrics()
         self.host = host or socket.gethostname()
-        self.worker_id = repo.new_worker_id(self.host)
+        self.runner_id = repo.new_runner_id(self.host)
         self.files = FileStore.for_settings(settings)
         self.faults = faults or FaultHooks()
         self.stopping = False
         self.writes = WriteBatch(db)
+        context = RunnerContext(settings, db, self.writes, self.runner_id)
         self.pool = ProcessPool(settings, settings.workers)
-        self.leases = Leases(db, self.writes, self.worker_id, settings.lease_seconds, self._lost)
+        self.leases = Leases(context, self._lost)
         self.executor = Executor(self.files, self._save_progress, self.faults)
         self.completer = Completer(
-            settings,
-            db,
-            self.writes,
-            self.leases,
-            self.worker_id,
-            self.files,
-            self.faults,
-            self._notify_later,
+            context, self.leases, self.files, self.faults, self._notify_later
         )
+        # One queue for now; named queues each get a producer with their own slots.
         self.producers = {
             DEFAULT_QUEUE: Producer(
                 DEFAULT_QUEUE,
                 settings.workers,
-                db=db,
-                writes=self.writes,
-                worker_id=self.worker_id,
-                lease_seconds=settings.lease_seconds,
-                poll_seconds=settings.poll_seconds,
+                context,
                 start=self._start,
                 hand_back=self._hand_back,
             )
@@ -108,7 +100,7 @@ class Runner:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        LIVE_RUNNERS.add(self.worker_id)
+        LIVE_RUNNERS.add(self.runner_id)
         if self.files is not None:
             try:
                 self.files.prepare()  # workers write large results there, whatever the input
@@ -131,7 +123,7 @@ class Runner:
             await service.start()
         for producer in self.producers.values():
             await producer.start()
-        log.info("runner %s started with %d workers", self.worker_id, self.settings.workers)
+        log.info("runner %s started with %d workers", self.runner_id, self.settings.workers)
 
     async def stop(self, grace: float | None = None) -> None:
         """Claim no more; give running attempts ``grace`` seconds, then hand them back."""
@@ -158,7 +150,7 @@ class Runner:
             await service.stop()
         await self.writes.close()
         await self.pool.close()
-        LIVE_RUNNERS.discard(self.worker_id)
+        LIVE_RUNNERS.discard(self.runner_id)
 
     def kill_now(self) -> None:
         """Kill every worker process at once, writing nothing (a second stop signal)."""
@@ -247,7 +239,7 @@ class Runner:
 
             async def write(conn: AsyncConnection, value: float = value) -> bool:
                 return await repo.save_progress(
-                    conn, attempt.job_id, self.worker_id, attempt.number, value, self.db.now()
+                    conn, attempt.job_id, self.runner_id, attempt.number, value, self.db.now()
                 )
 
             try:
@@ -265,7 +257,7 @@ class Runner:
         held = self.leases.held_ids()
         try:
             async with self.db.write() as conn:
-                released = await repo.release_all(conn, self.worker_id, self.db.now(), held)
+                released = await repo.release_all(conn, self.runner_id, self.db.now(), held)
         except StorageUnavailable as error:
             log.warning("cannot hand back the last jobs (%s): they will be rescued", error)
             return
