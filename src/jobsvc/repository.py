@@ -415,6 +415,7 @@ _CLAIM = (
 )
 _INPUTS = select(job_inputs).where(job_inputs.c.job_id.in_(bindparam("ids", expanding=True)))
 _INPUT = select(job_inputs).where(job_inputs.c.job_id == bindparam("id"))  # compiled once
+_MARK_STARTED = update(jobs).where(_FENCE).values(started_at=_AT)
 _SAVE_PROGRESS = (
     update(jobs).where(_FENCE).values(progress=bindparam("new_progress"), updated_at=_AT)
 )
@@ -547,6 +548,14 @@ async def renew_leases(
     )
     renewed = {(row.id, row.attempts) for row in (await conn.execute(query)).all()}
     return renewed & set(attempts)
+
+
+async def mark_started(
+    conn: AsyncConnection, job_id: str, runner: str, attempt: int, now: datetime
+) -> None:
+    """A job fetched ahead started only now: its start time says when it began to run, not
+    when it was claimed."""
+    await conn.execute(_MARK_STARTED, {**_held_by(job_id, runner, attempt), "at": now})
 
 
 async def save_progress(

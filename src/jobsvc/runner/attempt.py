@@ -18,6 +18,8 @@ class Attempt:
     aborted: bool = False
     # Cut off by this runner's stop: handed back, uncounted.
     interrupted: bool = False
+    # Claimed while every slot was busy, to start the moment one frees (``producer``).
+    fetched_ahead: bool = False
 
     @property
     def job_id(self) -> str:

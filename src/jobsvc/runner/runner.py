@@ -78,7 +78,9 @@ class Runner:
                 DEFAULT_QUEUE,
                 settings.workers,
                 context,
+                claimed=self.leases.hold,
                 start=self._start,
+                drop=self.leases.release,
                 hand_back=self._hand_back,
             )
         }
@@ -179,7 +181,8 @@ class Runner:
     # --- one attempt ---------------------------------------------------------------------------
 
     def _start(self, attempt: Attempt) -> None:
-        self.leases.hold(attempt)
+        if attempt.fetched_ahead:
+            self._note_start(attempt)
         with logs.job_context(attempt.job_id, attempt.number):  # the task copies the context
             task = asyncio.create_task(self._run(attempt), name=f"jobsvc-job-{attempt.job_id}")
         self._attempts.add(task)
@@ -196,21 +199,32 @@ class Runner:
             attempt.process = None
             # Back in the pool before the slot's next claim is submitted (replaced if it died).
             self.pool.give_back(process)
+        seconds = time.monotonic() - started
         if attempt.aborted:
             self.leases.release(attempt)
+            producer.slot_freed(seconds)
             await discard_result_file(self.files, outcome)
-            producer.slot_freed()
             return
-        self._observe(attempt, outcome, time.monotonic() - started)
-        # The outcome first, then the claim for the slot: submitted in the same moment, they
-        # share one transaction.
+        self._observe(attempt, outcome, seconds)
+        # The outcome, the start of the next ready job and the claim for the room it leaves:
+        # submitted in the same moment, they share one transaction.
         self.completer.complete(attempt, outcome)
-        producer.slot_freed()
+        producer.slot_freed(seconds)
 
     def _hand_back(self, attempt: Attempt) -> None:
         """A job claimed as the runner stops: back to the queue, uncounted, never started."""
-        self.leases.hold(attempt)
         self.completer.complete(attempt, Outcome(interrupted=True))
+
+    def _note_start(self, attempt: Attempt) -> None:
+        """A job fetched ahead starts only now: its ``started_at`` says so (a fenced write, in
+        the transaction of the outcome that freed its slot)."""
+        now = self.db.now()
+
+        async def write(conn: AsyncConnection) -> None:
+            await repo.mark_started(conn, attempt.job_id, self.runner_id, attempt.number, now)
+
+        noted = self.writes.submit(write)
+        noted.add_done_callback(_ignore_failure)  # a start time is a hint, not a transition
 
     def _lost(self, attempt: Attempt) -> None:
         """Its lease is gone (cancelled, or taken over by another instance)."""
@@ -263,3 +277,8 @@ class Runner:
             return
         if released:
             log.info("handed %d running jobs back to the queue", released)
+
+
+def _ignore_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: a failed hint is no one's error
