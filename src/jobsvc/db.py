@@ -104,7 +104,7 @@ class Database:
         self.dialect = make_url(self.url).get_backend_name()
         self.busy_timeout_seconds = settings.sqlite_busy_timeout_ms / 1000
         # Leases are compared across machines: on a shared server, its clock is the one that
-        # counts. The offset of ours from it is measured at start and by every sweep.
+        # counts. The offset of ours from it is measured at start and by the clock sync.
         self._clock_offset = timedelta(0)
         self._write_lock: asyncio.Lock | None = None
         self.inline_writer: Engine | None = None

@@ -1,6 +1,6 @@
 """Wake-ups across instances on PostgreSQL: ``LISTEN`` on the jobs channel.
 
-A submit on any instance sends ``NOTIFY`` in its transaction; every dispatcher listening
+A submit on any instance sends ``NOTIFY`` in its transaction; every runner listening
 claims at once instead of at its next poll. The poll stays as the fallback: a notification
 lost while the listening connection was down costs one poll interval, nothing more.
 """

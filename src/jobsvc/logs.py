@@ -1,7 +1,7 @@
 """Logging: plain text, or one JSON object a line (``JOBSVC_LOG_FORMAT=json``).
 
 Every line logged while a job's attempt runs carries ``job_id`` and ``attempt``: in the
-service (a context variable set by the dispatcher for that attempt's task) and in the worker
+service (a context variable set by the runner for that attempt's task) and in the worker
 process (set around each run), including lines the task itself logs.
 """
 

@@ -1,6 +1,6 @@
 """Prometheus metrics, one registry per service (two apps in a process never mix figures).
 
-Counters and the duration histogram are updated by the dispatcher as attempts end; the job
+Counters and the duration histogram are updated by the runner as attempts end; the job
 counts by state, the queue depth and the age of the oldest queued job are read from the
 database when ``/metrics`` is scraped, so every instance reports the shared table alike.
 """
@@ -45,7 +45,7 @@ class Metrics:
         )
         self.rescues = Counter(
             "jobsvc_rescued_jobs",
-            "Running jobs taken back from a lost worker by this instance's sweep.",
+            "Running jobs taken back from a lost worker by this instance's rescuer.",
             registry=self.registry,
         )
         self.submitted = Counter(

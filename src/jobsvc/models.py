@@ -128,7 +128,7 @@ class Job(Base):
             sqlite_where=text(IS_WAITING),
             postgresql_where=text(IS_WAITING),
         ),
-        # The sweep: running jobs and their lease owners.
+        # The rescuer: running jobs and their lease owners.
         Index(
             "ix_jobs_running",
             "lease_owner",

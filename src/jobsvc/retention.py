@@ -1,5 +1,5 @@
 """Retention: finished jobs are deleted after ``JOBSVC_RETENTION_DAYS``, with their inputs
-(rows and files), results and events. Every instance's dispatcher prunes now and then;
+(rows and files), results and events. Every instance's runner prunes now and then;
 ``jobsvc db prune`` does it by hand."""
 
 from __future__ import annotations

@@ -41,7 +41,10 @@ class Settings(BaseSettings):
     # MemoryError (or is killed) instead of taking the machine. None: no cap.
     worker_memory_mb: int | None = Field(default=None, ge=64)
     shutdown_grace: float = Field(default=10.0, ge=0)
-    # How often an idle dispatcher looks for due jobs without a wake-up (other processes' jobs).
+    # While a queue's jobs run shorter than this, each slot keeps one more job claimed and
+    # ready to start the moment the slot frees (the producer's prefetch); 0 turns it off.
+    prefetch_below_seconds: float = Field(default=1.0, ge=0)
+    # How often an idle producer looks for due jobs without a wake-up (other processes' jobs).
     poll_seconds: float = Field(default=1.0, gt=0)
     # FULL survives a power cut with every acknowledged job; NORMAL is faster and survives a
     # crash of the process but may lose the last transactions on power loss.

@@ -9,14 +9,15 @@ one transaction (``writes``). After a claim, the loop waits for news or the poll
 claims again at once.
 
 The prefetch policy: while this queue's jobs are short (the last one ran under
-``PREFETCH_BELOW_SECONDS``), the producer claims one job more per slot and keeps it ready, so
-that when a job ends the next one starts at once instead of waiting for the transaction that
-records the outcome and claims again. A ready job is leased (``running``) while it waits; its
-``started_at`` is set again when it really starts, in that same transaction. A more urgent job
-submitted meanwhile waits for at most one ready job per slot; a cancelled ready job is dropped
-when its turn comes, and at a stop the ready jobs go back to the queue uncounted. After a long
-job nothing is fetched ahead, so that no job waits behind one while another instance could run
-it. Measured with ``make bench``: small jobs and the PostgreSQL drain (see the README).
+``JOBSVC_PREFETCH_BELOW_SECONDS``, 1 s by default; 0 turns it off), the producer claims one job
+more per slot and keeps it ready, so that when a job ends the next one starts at once instead
+of waiting for the transaction that records the outcome and claims again. A ready job is leased
+(``running``) while it waits; its ``started_at`` is set again when it really starts, in that
+same transaction. A more urgent job submitted meanwhile waits for at most one ready job per
+slot; a cancelled ready job is dropped when its turn comes, and at a stop the ready jobs go
+back to the queue uncounted. After a long job nothing is fetched ahead, so that no job waits
+behind one while another instance could run it. Measured with ``make bench``: small jobs and
+the PostgreSQL drain (see the README).
 """
 
 from __future__ import annotations
@@ -38,8 +39,6 @@ from jobsvc.runner.attempt import Attempt
 from jobsvc.runner.context import RunnerContext
 
 log = logging.getLogger("jobsvc.runner")
-
-PREFETCH_BELOW_SECONDS = 1.0
 
 
 class Producer:
@@ -63,6 +62,7 @@ class Producer:
         self.runner_id = context.runner_id
         self.lease_seconds = context.settings.lease_seconds
         self.poll_seconds = context.settings.poll_seconds
+        self.prefetch_below_seconds = context.settings.prefetch_below_seconds
         self._claimed = claimed
         self._start = start
         self._drop = drop
@@ -90,7 +90,7 @@ class Producer:
         """An attempt of this queue ended after ``seconds``: start the next ready job at once,
         and claim for the room that leaves."""
         self.running -= 1
-        self.prefetch = self.slots if seconds < PREFETCH_BELOW_SECONDS else 0
+        self.prefetch = self.slots if seconds < self.prefetch_below_seconds else 0
         self._start_ready()
         self.claim()
 

@@ -30,7 +30,7 @@ from jobsvc.app import create_app
 from jobsvc.settings import Settings
 from tests.conftest import make_settings, submit, wait_for_status
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 REQUIRE_BROWSER = bool(os.environ.get("JOBSVC_TEST_REQUIRE_BROWSER"))
 CHROMIUM_ARGS = [

@@ -10,38 +10,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-import pytest
 from asgi_lifespan import LifespanManager
 
 from jobsvc.app import create_app
 from tests.conftest import make_settings, submit, wait_for_status
-
-REQUIRE = bool(os.environ.get("JOBSVC_TEST_REQUIRE_FAULTS"))
-
-
-def _mount(*args: str) -> None:
-    subprocess.run(["mount", *args], check=True, capture_output=True, text=True)
-
-
-@contextlib.contextmanager
-def mounted(*args: str, target: Path) -> Iterator[Path]:
-    target.mkdir(parents=True, exist_ok=True)
-    try:
-        _mount(*args, str(target))
-    except (OSError, subprocess.CalledProcessError) as error:
-        reason = f"cannot mount here ({error}); storage fault tests need root"
-        if REQUIRE:
-            pytest.fail(reason)
-        pytest.skip(reason)
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)
+from tests.storage_faults import fill, mount, mounted
 
 
 @contextlib.asynccontextmanager
@@ -51,16 +28,6 @@ async def service(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://jobsvc") as client:
             yield client
-
-
-def fill(directory: Path) -> Path:
-    """Write zeros until the filesystem refuses; returns the filler to delete later."""
-    filler = directory / "filler"
-    # Unbuffered: a buffered file would try the refused bytes again when it is closed.
-    with filler.open("wb", buffering=0) as out, contextlib.suppress(OSError):
-        while True:
-            out.write(b"\0" * 65536)
-    return filler
 
 
 async def test_a_full_disk_answers_503_and_recovers(tmp_path: Path, sqlite_template: Path) -> None:
@@ -122,14 +89,14 @@ async def test_a_read_only_database_answers_503_and_recovers(
     base.mkdir()
     shutil.copyfile(sqlite_template, base / "jobsvc.db")
     with mounted("--bind", str(base), target=tmp_path / "view") as view:
-        _mount("-o", "remount,ro,bind", str(view))
+        mount("-o", "remount,ro,bind", str(view))
         async with service(f"sqlite+aiosqlite:///{view / 'jobsvc.db'}") as client:
             response = await client.post("/jobs", json={"task": "double", "data": [{"a": 1}]})
             assert response.status_code == 503, response.text
             assert "cannot take writes" in response.json()["detail"]
             assert (await client.get("/healthz")).status_code == 503
 
-            _mount("-o", "remount,rw,bind", str(view))
+            mount("-o", "remount,rw,bind", str(view))
             assert (await client.get("/healthz")).status_code == 200
             job = await submit(client, "double", data=[{"a": 1}])
             assert (await wait_for_status(client, job["id"]))["status"] == "succeeded"
