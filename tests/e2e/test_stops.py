@@ -246,3 +246,32 @@ def test_a_task_raising_keyboard_interrupt_or_system_exit_is_recovered_as_a_cras
         None,
     ), (jobs[once], log)
     assert {t for t in error_types(once_events) if t} == {"WorkerLost"}, once_events
+
+
+@pytest.fixture
+def pg_api(pg_database_url: str, tmp_path: Path) -> Iterator[httpx.Client]:
+    app = LiveApp(
+        "tests.api_only_app:app", pg_database_url, tmp_path / "api.log", ready_path="/jobs"
+    )
+    with app, httpx.Client(base_url=app.url, timeout=10) as http:
+        yield http
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_stop_on_postgresql_hands_the_running_job_back_uncounted(
+    command: str, pg_database_url: str, pg_api: httpx.Client, tmp_path: Path
+) -> None:
+    release = tmp_path / "release"
+    job_id = submit(pg_api, "wait_for_file", {"path": str(release)}, max_attempts=1)
+    grace = {"JOBSVC_SHUTDOWN_GRACE": str(GRACE)}
+    first = runner(command, pg_database_url, tmp_path / "first.log", **grace)
+    with first:
+        wait_running_task(pg_api, job_id)
+        send(first, signal.SIGTERM, "group")
+        exits_after_stop(first, GRACE + EXIT_MARGIN)
+    job = get_job(pg_api, job_id)
+    assert (job["status"], job["attempts"], job["error"]) == ("queued", 0, None), first.log()
+    release.touch()
+    with runner(command, pg_database_url, tmp_path / "second.log", **grace):
+        done = wait_terminal(pg_api, job_id, timeout=60)
+    assert (done["status"], done["attempts"], done["error"]) == ("succeeded", 1, None)
