@@ -12,7 +12,6 @@ error of the task's data, and the attempt ends as if the process had been killed
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import resource
@@ -54,14 +53,11 @@ def run(request: RunRequest) -> ResultData:
     task = registry.get(request.task)
     if task is None:
         raise LookupError(f"no task named {request.task!r} is registered in the worker")
+    # The parsed copy, if any, is removed by the service once the attempt ends: unlinking a
+    # large file takes the kernel milliseconds, which the job would wait for here.
     frame = formats.load_input(
         request.input_format, request.input_data, request.input_path, request.input_cache
     )
-    if request.input_cache is not None:
-        # Read once: its disk space is free again now (the mapping lives on), and a later
-        # attempt parses the upload itself.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(request.input_cache)
     return formats.encode_result(task.call(frame, request.params), request.result_path)
 
 

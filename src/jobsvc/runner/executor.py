@@ -38,6 +38,7 @@ class Executor:
         self.files = files
         self._on_progress = on_progress
         self.faults = faults
+        self._removing: set[asyncio.Task[None]] = set()
 
     async def run(self, attempt: Attempt) -> Outcome:
         process = attempt.process
@@ -51,6 +52,20 @@ class Executor:
             log.exception("job %s: building its request failed", attempt.job_id)
             return Outcome(error=_runner_error(error))
         timeout = attempt.job.timeout_seconds
+        try:
+            return await self._exchange(attempt, request, timeout)
+        finally:
+            if request.input_cache is not None:
+                self._discard_parsed_copy(attempt.job_id)
+
+    async def _exchange(
+        self,
+        attempt: Attempt,
+        request: RunRequest,
+        timeout: float | None,  # noqa: ASYNC109 - the task's own limit, enforced by killing
+    ) -> Outcome:
+        process = attempt.process
+        assert process is not None
         try:
             await process.send(request)
             async with asyncio.timeout(timeout):
@@ -85,6 +100,14 @@ class Executor:
             log.exception("job %s: running it failed", attempt.job_id)
             await process.stop_now()
             return Outcome(error=_runner_error(error))
+
+    def _discard_parsed_copy(self, job_id: str) -> None:
+        """The parsed copy of a kept upload is read once: its space is freed after the
+        attempt (a later attempt parses the upload itself), in a thread, not waited for."""
+        assert self.files is not None
+        removing = asyncio.create_task(self.files.discard([self.files.cache_name_for(job_id)]))
+        self._removing.add(removing)
+        removing.add_done_callback(self._removing.discard)
 
     def request_for(self, attempt: Attempt) -> RunRequest:
         job, stored = attempt.job, attempt.stored
