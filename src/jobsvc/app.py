@@ -21,7 +21,7 @@ from jobsvc.api.auth import KeyRing, RefuseCrossSite, RequireKey
 from jobsvc.api.limits import BodySizeLimit
 from jobsvc.api.routes import build_jobs_router, build_service_router
 from jobsvc.api.ui import build_ui_router
-from jobsvc.converter import ConverterPool
+from jobsvc.converter import Converter, ConverterPool
 from jobsvc.db import Database
 from jobsvc.errors import StorageUnavailable
 from jobsvc.metrics import Metrics
@@ -85,12 +85,12 @@ class JobQueue:
             await asyncio.to_thread(migrate.upgrade, self.settings)
         self.db = Database(self.settings)
         self._converter = ConverterPool(size=max(1, min(2, self.settings.workers)))
+        converter: Converter = self._converter
         if self.run_workers:
             self.runner = Runner(self.settings, self.db, metrics=self.metrics, faults=self.faults)
             await self.runner.start()
-        self._service = JobService(
-            self.settings, self.db, self._converter, self.runner, self.metrics
-        )
+            converter = self.runner.idle_work(self._converter)
+        self._service = JobService(self.settings, self.db, converter, self.runner, self.metrics)
 
     async def stop(self) -> None:
         if self._service is not None:

@@ -18,6 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
 
 from jobsvc import processes
+from jobsvc.formats import Limits, ParsedUpload
 
 log = logging.getLogger("jobsvc.converter")
 
@@ -25,6 +26,18 @@ log = logging.getLogger("jobsvc.converter")
 class Converter(Protocol):
     async def run(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``func(*args, **kwargs)`` off the event loop; its value, or the error it raised."""
+        ...
+
+    async def check_upload(
+        self, job_id: str, path: str, media_type: str, limits: Limits, digest: bool
+    ) -> ParsedUpload | None:
+        """Parse and check a kept CSV or NDJSON upload where job ``job_id`` will run, keeping
+        its table there for it: the upload's description, or the refusal raised; None where
+        that cannot be done (the caller then parses it with ``run``)."""
+        ...
+
+    async def forget_upload(self, job_id: str) -> None:
+        """Let go of what ``check_upload`` kept: the job was not stored."""
         ...
 
 
@@ -55,6 +68,14 @@ class ConverterPool:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = await asyncio.to_thread(self._new)
             return await loop.run_in_executor(self._pool, call)
+
+    async def check_upload(
+        self, job_id: str, path: str, media_type: str, limits: Limits, digest: bool
+    ) -> ParsedUpload | None:
+        return None  # a converter process does not run jobs: nothing to keep
+
+    async def forget_upload(self, job_id: str) -> None:
+        return None
 
     def shutdown(self) -> None:
         if self._pool is not None:

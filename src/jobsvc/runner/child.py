@@ -20,9 +20,18 @@ import time
 import traceback
 from typing import Any
 
+import pandas as pd
+
 from jobsvc import formats, logs, processes
 from jobsvc.lifecycle import AttemptError, ResultData
-from jobsvc.runner.protocol import RunRequest, receive_message, send_message
+from jobsvc.runner.protocol import (
+    CheckRequest,
+    ConvertRequest,
+    ForgetRequest,
+    RunRequest,
+    receive_message,
+    send_message,
+)
 from jobsvc.tasks import progress, registry
 from jobsvc.tasks.registry import PermanentError, import_task_modules, resolve_function
 
@@ -45,7 +54,7 @@ def _progress_sender(sock: socket.socket) -> Any:
     return send
 
 
-def run(request: RunRequest) -> ResultData:
+def run(request: RunRequest, held: pd.DataFrame | None = None) -> ResultData:
     if request.input_format == "call":  # a function queued by add_task, by its import path
         args, kwargs = formats.decode_call(request.input_data or b"")
         function = resolve_function(request.task)
@@ -53,6 +62,8 @@ def run(request: RunRequest) -> ResultData:
     task = registry.get(request.task)
     if task is None:
         raise LookupError(f"no task named {request.task!r} is registered in the worker")
+    if held is not None:  # this process checked the upload: its table is here already
+        return formats.encode_result(task.call(held, request.params), request.result_path)
     # The parsed copy, if any, is removed by the service once the attempt ends: unlinking a
     # large file takes the kernel milliseconds, which the job would wait for here.
     frame = formats.load_input(
@@ -85,6 +96,8 @@ def main(
     logs.configure(*log)
     import_task_modules(task_modules)
     progress.set_sink(_progress_sender(sock))
+    # A checked upload's job, its table, and this process's size before the check.
+    held: tuple[str, pd.DataFrame, int] | None = None
     while True:
         try:
             request = receive_message(sock)
@@ -93,9 +106,19 @@ def main(
         if request is None:
             return
         resident = processes.resident_bytes()
+        # One table at a time: whatever this process is asked next ends the one it holds.
+        kept, held = held, None
+        if not isinstance(request, RunRequest):
+            del kept
+            held = _answer_for_the_api(sock, request, resident)
+            continue
+        table = None
+        if kept is not None and kept[0] == request.job_id:
+            table, resident = kept[1], kept[2]
+        del kept
         try:
             with logs.job_context(request.job_id, request.attempt):
-                outcome = run(request)
+                outcome = run(request, table)
             send_message(sock, ("ok", outcome))
         except (KeyboardInterrupt, SystemExit) as error:
             logging.getLogger("jobsvc.worker").error(
@@ -112,4 +135,29 @@ def main(
                 retryable=not isinstance(error, PermanentError),
             )
             send_message(sock, ("error", failure))
+        table = None
         processes.release_memory_above(resident)
+
+
+def _answer_for_the_api(
+    sock: socket.socket, request: object, resident: int
+) -> tuple[str, pd.DataFrame, int] | None:
+    """Answer a check, a conversion or a forget; what to hold for a job, if anything."""
+    if isinstance(request, ForgetRequest):
+        processes.release_memory_above(0)  # the table was the growth: hand it back
+        send_message(sock, ("ok", None))
+        return None
+    try:
+        if isinstance(request, CheckRequest):
+            parsed, frame = formats.read_kept_upload(
+                request.path, request.media_type, request.limits, digest=request.digest
+            )
+            send_message(sock, ("ok", parsed))
+            return request.job_id, frame, resident
+        assert isinstance(request, ConvertRequest)
+        value = processes.call_and_release(request.func)
+    except Exception as error:  # a refusal (malformed data, say) is the API's answer
+        send_message(sock, ("error", error))
+        return None
+    send_message(sock, ("ok", value))
+    return None

@@ -3,7 +3,9 @@
 A ``WorkerProcess`` is one process and the socket to it, read and written on the event loop.
 The ``ProcessPool`` keeps ``size`` of them; ``take`` hands out an idle one (a process that
 died while idle is replaced first, so its death costs no job an attempt), ``give_back``
-returns it (replaced if it died meanwhile).
+returns it (replaced if it died meanwhile). A process that holds a checked upload's table
+(``held_job``, see ``idle_work``) is handed to that job's attempt when it asks for it, and to
+others only when no other process is idle.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from jobsvc import processes
 from jobsvc.runner import child
-from jobsvc.runner.protocol import FRAME_HEADER, SMALL_MESSAGE_BYTES, RunRequest, frame
+from jobsvc.runner.protocol import FRAME_HEADER, SMALL_MESSAGE_BYTES, frame
 from jobsvc.settings import Settings
 
 log = logging.getLogger("jobsvc.runner")
@@ -56,6 +58,9 @@ class WorkerProcess:
         self.process = process
         self._reader = reader
         self._writer = writer
+        # The job whose upload this process checked and whose table it holds (``idle_work``);
+        # whatever it is sent next ends that.
+        self.held_job: str | None = None
 
     @classmethod
     async def start(
@@ -113,8 +118,9 @@ class WorkerProcess:
         with contextlib.suppress(OSError, RuntimeError):
             await self._writer.wait_closed()
 
-    async def send(self, message: RunRequest | None) -> None:
+    async def send(self, message: object) -> None:
         """Write one message; ``ProcessGone`` if the socket is broken."""
+        self.held_job = None
         header, payload = frame(message)
         try:
             if len(payload) <= SMALL_MESSAGE_BYTES:
@@ -198,7 +204,8 @@ class ProcessPool:
     def __init__(self, settings: Settings, size: int) -> None:
         self.settings = settings
         self.size = size
-        self._idle: asyncio.Queue[WorkerProcess] = asyncio.Queue()
+        self._idle: list[WorkerProcess] = []
+        self._returned = asyncio.Event()
         self.processes: list[WorkerProcess] = []
         self._threads = ThreadPoolExecutor(max_workers=size, thread_name_prefix="jobsvc-spawn")
         self._context: BaseContext | None = None
@@ -210,28 +217,64 @@ class ProcessPool:
         self._context = await asyncio.to_thread(processes.process_context)
         started = await asyncio.gather(*(self._spawn() for _ in range(self.size)))
         for process in started:
-            self._idle.put_nowait(process)
+            self._put(process)
 
-    async def take(self) -> WorkerProcess:
-        """An idle, live process (waits for one to be given back)."""
-        process = await self._idle.get()
+    async def take(self, job_id: str | None = None) -> WorkerProcess:
+        """An idle, live process (waits for one to be given back): the one holding
+        ``job_id``'s table if it is idle, else preferably one that holds nothing."""
+        while (process := self._pick(job_id)) is None:
+            self._returned.clear()
+            await self._returned.wait()
         if not process.alive:  # died while idle (killed, out of memory): no job's attempt
             log.warning("worker process %s died while idle; replacing it", process.pid)
             process = await self.replace(process)
         return process
 
+    def take_now(self) -> WorkerProcess | None:
+        """An idle, live process that holds nothing, if there is one right now."""
+        for process in self._idle:
+            if process.held_job is None and process.alive:
+                self._idle.remove(process)
+                return process
+        return None
+
+    def holder_of(self, job_id: str) -> WorkerProcess | None:
+        """The idle process that holds ``job_id``'s table, taken, if there is one."""
+        for process in self._idle:
+            if process.held_job == job_id:
+                self._idle.remove(process)
+                return process
+        return None
+
+    def _pick(self, job_id: str | None) -> WorkerProcess | None:
+        if not self._idle:
+            return None
+        chosen = self._idle[0]
+        for process in self._idle:
+            if job_id is not None and process.held_job == job_id:
+                chosen = process
+                break
+            if chosen.held_job is not None and process.held_job is None:
+                chosen = process
+        self._idle.remove(chosen)
+        return chosen
+
+    def _put(self, process: WorkerProcess) -> None:
+        self._idle.append(process)
+        self._returned.set()
+
     def give_back(self, process: WorkerProcess) -> None:
-        """Return a process after its attempt; one that died is replaced in the background
+        """Return a process after its work; one that died is replaced in the background
         (``take`` waits for the replacement)."""
         if process.alive or self._closing:
-            self._idle.put_nowait(process)
+            self._put(process)
             return
         replacing = asyncio.create_task(self._replace_into_pool(process))
         self._replacing.add(replacing)
         replacing.add_done_callback(self._replacing.discard)
 
     async def _replace_into_pool(self, process: WorkerProcess) -> None:
-        self._idle.put_nowait(await self.replace(process))
+        self._put(await self.replace(process))
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes if p.pid is not None]

@@ -5,6 +5,11 @@ the pickle. The service sends a ``RunRequest`` (or None: exit); the worker answe
 number of ``("progress", value)`` and then one ``("ok", ResultData)`` or
 ``("error", AttemptError)``. The worker's side reads and writes blocking (these functions);
 the service's side is its event loop's streams (``pool.WorkerProcess``).
+
+An idle worker process also does the API's work (``idle_work``): a ``ConvertRequest`` is
+answered with ``("ok", value)`` or ``("error", exception)``; a ``CheckRequest`` likewise, and
+the process then holds the upload's table for that job's ``RunRequest``. Any other message
+ends what it holds; a ``ForgetRequest`` only that (answered ``("ok", None)``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import pickle
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +36,31 @@ class RunRequest:
     input_path: str | None = None  # a file in the files directory, read instead of sent
     input_cache: str | None = None  # the kept upload's parsed copy, if this boot wrote one
     result_path: str | None = None  # where a large DataFrame result goes, when files are kept
+
+
+@dataclass(frozen=True)
+class ConvertRequest:
+    """Run ``func()`` for the API: its value, or the error it raised."""
+
+    func: Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class CheckRequest:
+    """Parse and check a kept CSV or NDJSON upload for job ``job_id`` (``formats.Limits``),
+    and hold its table for that job's run here: the reply is the ``ParsedUpload``, or the
+    error that refuses the upload."""
+
+    job_id: str
+    path: str
+    media_type: str
+    limits: Any
+    digest: bool
+
+
+@dataclass(frozen=True)
+class ForgetRequest:
+    """Let go of a held table: its job will not run here (a replayed submit, a failed commit)."""
 
 
 def frame(message: object) -> tuple[bytes, bytes]:

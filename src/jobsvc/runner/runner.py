@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobsvc import logs
 from jobsvc import repository as repo
+from jobsvc.converter import Converter
 from jobsvc.db import Database
 from jobsvc.errors import StorageUnavailable
 from jobsvc.files import FileStore
@@ -35,6 +36,7 @@ from jobsvc.runner.completer import Completer, discard_result_file
 from jobsvc.runner.context import RunnerContext
 from jobsvc.runner.executor import Executor
 from jobsvc.runner.faults import FaultHooks
+from jobsvc.runner.idle_work import IdleWorkConverter
 from jobsvc.runner.leases import Leases
 from jobsvc.runner.maintenance import LIVE_RUNNERS, ClockSync, Pruner, Rescuer
 from jobsvc.runner.pool import ProcessPool
@@ -154,6 +156,11 @@ class Runner:
         await self.pool.close()
         LIVE_RUNNERS.discard(self.runner_id)
 
+    def idle_work(self, fallback: Converter) -> Converter:
+        """The API's conversions and upload checks, on this runner's idle worker processes
+        when there are some, else on ``fallback`` (the idle-work policy, ``idle_work``)."""
+        return IdleWorkConverter(self.pool, fallback, lambda: self.stopping)
+
     def kill_now(self) -> None:
         """Kill every worker process at once, writing nothing (a second stop signal)."""
         self.stopping = True
@@ -190,7 +197,7 @@ class Runner:
 
     async def _run(self, attempt: Attempt) -> None:
         producer = self.producers[attempt.queue]
-        process = await self.pool.take()
+        process = await self.pool.take(attempt.job_id)  # the one holding its upload, if any
         attempt.process = process
         started = time.monotonic()
         try:
