@@ -75,9 +75,9 @@ def translate(error: DBAPIError | OSError | PoolTimeout) -> Exception:
             "Every connection to the database is in use; nothing was changed. Try again shortly."
         )
     if isinstance(error, OSError) or _connection_lost(error):
+        reason = _first_line(error if isinstance(error, OSError) else error.orig or error)
         return StorageUnavailable(
-            f"The database cannot be reached ({_first_line(error)}); nothing was changed. "
-            "Try again later."
+            f"The database cannot be reached ({reason}); nothing was changed. Try again later."
         )
     text = str(error.orig).lower()
     if any(marker in text for marker in _BUSY):

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     max_rows: int = Field(default=50_000_000, ge=1)
     max_columns: int = Field(default=10_000, ge=1)
     max_cell_chars: int = Field(default=1_000_000, ge=1)
+    # The longest a client may take to send a request's headers, and the longest it may pause
+    # while sending a body; past it the connection is closed (after a 408 for a body), so a
+    # slow or stalled client holds no connection, task or upload file for long.
+    request_idle_seconds: float = Field(default=30.0, gt=0)
     # When set (comma-separated), every request but GET /healthz needs one of these keys.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
     lease_seconds: float = Field(default=30.0, gt=0)
