@@ -50,13 +50,17 @@ def test_requests_during_a_postgresql_restart_answer_503_never_500(
 ) -> None:
     server = LiveServer(pg_database_url, tmp_path / "server.log")
     answers: list[tuple[str, httpx.Response]] = []
+    unanswered: list[str] = []
     stop = threading.Event()
 
     def keep_asking(ask: Callable[[httpx.Client, int], tuple[str, httpx.Response]]) -> None:
         with httpx.Client(base_url=server.url, timeout=30) as own:
             turn = 0
             while not stop.is_set():
-                answers.append(ask(own, turn))
+                try:
+                    answers.append(ask(own, turn))
+                except httpx.TransportError as error:  # the server must answer every request
+                    unanswered.append(repr(error))
                 turn += 1
 
     def submitting(http: httpx.Client, _turn: int) -> tuple[str, httpx.Response]:
@@ -97,6 +101,7 @@ def test_requests_during_a_postgresql_restart_answer_503_never_500(
                 thread.join(60)
         log = server.log()
 
+    assert not unanswered, unanswered[:10]
     statuses = {"submit": {202, 503}, "cancel": {409, 503}}
     wrong = [
         (name, r.status_code, r.text[:200])
@@ -174,7 +179,7 @@ def test_request_headers_sent_slower_than_the_limit_are_cut_off(
                     break
             lasted = time.monotonic() - opened
         assert closed, "the slow request was never cut off"
-        assert IDLE_SECONDS <= lasted < IDLE_SECONDS + SLACK_SECONDS, lasted
+        assert 0.9 * IDLE_SECONDS <= lasted < IDLE_SECONDS + SLACK_SECONDS, lasted
         wait_until(lambda: log_lines(server, "did not send its request headers"), 5, "the log")
         assert httpx.get(server.url + "/healthz").status_code == 200
 
@@ -193,7 +198,7 @@ def test_an_upload_that_stops_midway_is_answered_408_after_the_idle_limit(
             answer = closed_by_server(sock, timeout=IDLE_SECONDS + 30)
             waited = time.monotonic() - stalled
         assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
-        assert IDLE_SECONDS <= waited < IDLE_SECONDS + SLACK_SECONDS, waited
+        assert 0.9 * IDLE_SECONDS <= waited < IDLE_SECONDS + SLACK_SECONDS, waited
         lines = wait_until(lambda: log_lines(server, "sent no request body for"), 5, "the log")
         assert len(lines) == 1, lines
         assert "Traceback" not in server.log(), server.log()[-4000:]

@@ -4,7 +4,7 @@ half-written, and the service recovers when the fault clears; /healthz says so m
 
 The faults are real: a small tmpfs that fills up, a read-only bind mount (both need root: CI
 runs as root; elsewhere these tests skip unless JOBSVC_TEST_REQUIRE_FAULTS is set), and a
-process that holds the write lock.
+process that holds the write lock. On PostgreSQL: the service's connections killed under it.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 from asgi_lifespan import LifespanManager
 
 from jobsvc.app import create_app
-from tests.conftest import make_settings, submit, wait_for_status
+from tests.conftest import PG_ADMIN_URL, make_settings, submit, wait_for_status
 from tests.storage_faults import checkpoint_truncate, fill, mount, mounted, write_lock_held
 
 
@@ -207,3 +208,47 @@ async def test_writes_queued_behind_another_process_lock_all_answer_503_within_t
         job = await submit(client, "double", data=[{"a": 2}])
         assert (await wait_for_status(client, job["id"]))["status"] == "succeeded"
         assert len((await client.get("/jobs")).json()["items"]) == 2
+
+
+async def test_killed_postgresql_connections_answer_503_never_500_and_recover(
+    pg_database_url: str,
+) -> None:
+    """Every connection the service holds is killed under it (what a failover or a reaper of
+    idle connections does): each request answers as usual or 503 with Retry-After."""
+    async with service(pg_database_url) as client:
+        done = await submit(client, "double", data=[{"a": 1}])
+        await wait_for_status(client, done["id"])
+
+        admin = await asyncpg.connect(PG_ADMIN_URL)
+        try:
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = $1 AND pid <> pg_backend_pid()",
+                pg_database_url.rsplit("/", 1)[1],
+            )
+        finally:
+            await admin.close()
+        assert killed > 0
+
+        expected = {
+            "GET /jobs/{id}": 200,
+            "GET /jobs": 200,
+            "GET /jobs/{id}/events": 200,
+            "POST /jobs": 202,
+            "POST /jobs/{id}/cancel": 409,
+            "GET /healthz": 200,
+        }
+        requests = []
+        for what in expected:
+            method, path = what.split(" ")
+            body = {"task": "double", "data": []} if method == "POST" and path == "/jobs" else None
+            requests.append(client.request(method, path.format(id=done["id"]), json=body))
+        answers = await asyncio.gather(*requests)
+        for (what, status), response in zip(expected.items(), answers, strict=True):
+            assert response.status_code in (status, 503), (what, response.text)
+            if response.status_code == 503:
+                assert response.headers["retry-after"], what
+
+        assert (await client.get("/healthz")).status_code == 200
+        job = await submit(client, "double", data=[{"a": 2}])
+        assert (await wait_for_status(client, job["id"]))["status"] == "succeeded"
