@@ -5,7 +5,7 @@ While one batch commits, the submits that arrive queue up; the next transaction 
 them at once. A lone submit is committed immediately, so nothing waits on a timer, and each
 caller still gets its answer only after its own row is committed.
 
-A batch gives up (503) within the database's busy timeout of its oldest submit's arrival: the
+On SQLite a batch gives up (503) within the busy timeout of its oldest submit's arrival: the
 submits that queued while an earlier batch waited for a locked database do not wait a whole
 busy timeout more.
 """

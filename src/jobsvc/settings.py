@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     # FULL survives a power cut with every acknowledged job; NORMAL is faster and survives a
     # crash of the process but may lose the last transactions on power loss.
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    # How long a request waits for the database before it answers 503: on SQLite for the
+    # write lock, counted from when the write was asked for (its wait behind this process's
+    # other writes included); on PostgreSQL for a free connection of the pool.
     sqlite_busy_timeout_ms: int = Field(default=5_000, ge=0)
     # Where uploaded tables are kept as files. Default: beside a SQLite database file
     # ("<database>.files"); on PostgreSQL, inside the database unless this names a directory
