@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import os
 import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -126,6 +128,45 @@ def pg_database_url(pg_template: str) -> Iterator[str]:
     """A fresh PostgreSQL database, for the tests that are about PostgreSQL itself."""
     with fresh_pg_database(pg_template) as url:
         yield url
+
+
+def pg_cluster() -> list[str]:
+    """``pg_ctlcluster`` arguments naming the local cluster; skips (or fails, when PostgreSQL
+    is required) where there is none to restart."""
+    versions = sorted(Path("/etc/postgresql").glob("*/main"))
+    local = urlsplit(PG_ADMIN_URL).hostname in {"127.0.0.1", "localhost", "::1"}
+    if not versions or shutil.which("pg_ctlcluster") is None or not local:
+        reason = (
+            f"no local PostgreSQL cluster to restart (pg_ctlcluster, /etc/postgresql/*/main, "
+            f"the tests' server at {PG_ADMIN_URL} on this machine)"
+        )
+        if REQUIRE_PG:
+            pytest.fail(reason + "; JOBSVC_TEST_REQUIRE_POSTGRES is set", pytrace=False)
+        pytest.skip(reason)
+    version = versions[-1].parent.name
+    return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
+
+
+def pg_ctl(cluster: list[str], action: str) -> None:
+    subprocess.run([*cluster, action], check=True, capture_output=True, text=True, timeout=120)
+
+
+def pg_running(cluster: list[str]) -> bool:
+    status = subprocess.run([*cluster, "status"], capture_output=True, text=True, timeout=60)
+    return status.returncode == 0
+
+
+@pytest.fixture
+def cluster() -> Iterator[list[str]]:
+    """The local PostgreSQL cluster, for tests that stop or restart it: running again after
+    the test whatever happened in it. (Ask for it after the database fixture: its teardown
+    then runs first, before the database is dropped.)"""
+    names = pg_cluster()
+    try:
+        yield names
+    finally:
+        if not pg_running(names):
+            pg_ctl(names, "start")
 
 
 def make_settings(database_url: str, **overrides: Any) -> Settings:

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from jobsvc import migrate
 from jobsvc.api.auth import KeyRing, RefuseCrossSite, RequireKey
+from jobsvc.api.clients import IdleBodyTimeout
 from jobsvc.api.limits import BodySizeLimit
 from jobsvc.api.routes import build_jobs_router, build_service_router
 from jobsvc.api.ui import build_ui_router
@@ -174,6 +175,9 @@ def create_app(
     app.include_router(build_ui_router(queue), prefix="/ui")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RefuseCrossSite)
-    # Outermost: a request without a valid key is refused before anything reads its body.
+    # A request without a valid key is refused before anything reads its body.
     app.add_middleware(RequireKey, keys=queue.keys)
+    # Outermost: every reader of a body gets its deadline, and a client's disconnect is caught
+    # whichever layer noticed it.
+    app.add_middleware(IdleBodyTimeout, idle_seconds=settings.request_idle_seconds)
     return app

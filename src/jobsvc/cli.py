@@ -189,6 +189,7 @@ def serve(
     """
     import uvicorn
 
+    from jobsvc.api.clients import with_header_deadline
     from jobsvc.app import create_app
 
     settings = prepare_to_run(log_level)
@@ -208,7 +209,14 @@ def serve(
             self.should_exit = True
 
     # log_config=None: uvicorn's own lines go through the same (text or JSON) handler.
-    config = uvicorn.Config(application, host=host, port=port, log_level=log_level, log_config=None)
+    config = uvicorn.Config(
+        application,
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=None,
+        http=with_header_deadline(settings.request_idle_seconds),
+    )
     Server(config).run()
 
 

@@ -10,7 +10,11 @@ takes microseconds there, where the async driver costs a round trip to its threa
 Waiting for another process's write lock never blocks the loop: the driver does not wait,
 ``write()`` retries asleep until the busy timeout. On PostgreSQL both use the asyncpg engine.
 
-Driver errors that mean "cannot write now" become ``StorageUnavailable``/``DatabaseBusy`` here.
+Driver errors that mean "cannot use the database now" become ``StorageUnavailable`` (or its
+``DatabaseBusy``, ``WritesRefused``) here, so that a request answers 503, never 500. A write
+gives up within the busy timeout of being asked for, its wait for this process's other writes
+included: writes queued behind a locked database all fail at about the same moment instead of
+one busy timeout after another.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from typing import Any, cast
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from jobsvc.errors import DatabaseBusy, StorageUnavailable
+from jobsvc.errors import DatabaseBusy, StorageUnavailable, WritesRefused
 from jobsvc.settings import Settings
 
 _BUSY = ("database is locked", "database table is locked")
@@ -52,21 +57,35 @@ _CONNECTION_LOST = (
     "cannot connect now",
     "connection does not exist",
 )
+# The same by PostgreSQL's SQLSTATE: a connection exception (class 08), a shutdown by an
+# administrator or a crash, a server starting up, no connection slot left.
+_PG_UNREACHABLE = ("08", "57P01", "57P02", "57P03", "53300")
+# A full disk, a read-only server (a standby after a failover).
+_PG_WRITES_REFUSED = ("53100", "25006")
+
+# What the drivers and the pool raise. OSError comes raw from asyncpg (a refused connect, a
+# reset socket); the pool's TimeoutError is not a DBAPIError.
+DRIVER_ERRORS = (DBAPIError, OSError, PoolTimeout)
 
 
-def translate(error: DBAPIError | OSError) -> Exception:
+def translate(error: DBAPIError | OSError | PoolTimeout) -> Exception:
     """The domain error for a driver error, or the driver error itself."""
+    if isinstance(error, PoolTimeout):
+        return DatabaseBusy(
+            "Every connection to the database is in use; nothing was changed. Try again shortly."
+        )
     if isinstance(error, OSError) or _connection_lost(error):
+        reason = _first_line(error if isinstance(error, OSError) else error.orig or error)
         return StorageUnavailable(
-            f"The database cannot be reached ({_first_line(error)}); nothing was changed. "
-            "Try again later."
+            f"The database cannot be reached ({reason}); nothing was changed. Try again later."
         )
     text = str(error.orig).lower()
     if any(marker in text for marker in _BUSY):
         return DatabaseBusy()
-    if any(marker in text for marker in _UNAVAILABLE):
-        return StorageUnavailable(
-            f"The database cannot take writes ({error.orig}); nothing was changed. Try again later."
+    if _sqlstate(error).startswith(_PG_WRITES_REFUSED) or any(m in text for m in _UNAVAILABLE):
+        reason = _first_line(error.orig or error)
+        return WritesRefused(
+            f"The database cannot take writes ({reason}); nothing was changed. Try again later."
         )
     return error
 
@@ -75,8 +94,15 @@ def _connection_lost(error: DBAPIError) -> bool:
     """A connection that broke or could not be made (a PostgreSQL restart, a network fault)."""
     if error.connection_invalidated or isinstance(error.orig, OSError):
         return True
+    if _sqlstate(error).startswith(_PG_UNREACHABLE):
+        return True
     text = str(error.orig).lower()
     return any(marker in text for marker in _CONNECTION_LOST)
+
+
+def _sqlstate(error: DBAPIError) -> str:
+    code = getattr(error.orig, "sqlstate", None)  # asyncpg's, through SQLAlchemy's adapter
+    return code if isinstance(code, str) else ""
 
 
 def _first_line(error: BaseException) -> str:
@@ -103,6 +129,9 @@ class Database:
         self.url = settings.database_url
         self.dialect = make_url(self.url).get_backend_name()
         self.busy_timeout_seconds = settings.sqlite_busy_timeout_ms / 1000
+        # The last write's failure for want of a writable disk, until a write succeeds: the
+        # health check is 503 meanwhile, though reads work.
+        self.write_fault: WritesRefused | None = None
         # Leases are compared across machines: on a shared server, its clock is the one that
         # counts. The offset of ours from it is measured at start and by the clock sync.
         self._clock_offset = timedelta(0)
@@ -113,7 +142,10 @@ class Database:
         self._commit_thread: ThreadPoolExecutor | None = None
         self._writer_conn: Connection | None = None
         if self.dialect != "sqlite":
-            self.engine = create_async_engine(self.url, pool_size=10, max_overflow=10)
+            # A request waits for a free connection no longer than for a lock.
+            self.engine = create_async_engine(
+                self.url, pool_size=10, max_overflow=10, pool_timeout=self.busy_timeout_seconds
+            )
             return
         sync_url = make_url(self.url).set(drivername="sqlite")
         self._write_lock = asyncio.Lock()
@@ -152,24 +184,49 @@ class Database:
         return self._clock_offset
 
     @asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
-        """One write transaction: committed when the block ends, rolled back if it raises."""
-        if self.inline_writer is not None:
-            # On SQLite, writers take turns here (FIFO) rather than fight over the file lock.
-            assert self._write_lock is not None
-            async with self._write_lock, self._inline_write(self.inline_writer) as conn:
-                yield conn
-            return
-        assert self.engine is not None
+    async def write(self, requested_at: float | None = None) -> AsyncIterator[AsyncConnection]:
+        """One write transaction: committed when the block ends, rolled back if it raises.
+
+        ``requested_at`` (``time.monotonic()``, default now): when the write was asked for. On
+        SQLite, it is ``DatabaseBusy`` if it cannot start within the busy timeout of then.
+        """
         try:
-            async with self.engine.begin() as conn:
-                yield conn
-        except (DBAPIError, OSError) as error:
-            raise await self._fault(error) from error
+            if self.inline_writer is not None:
+                start = time.monotonic() if requested_at is None else requested_at
+                deadline = start + self.busy_timeout_seconds
+                await self._take_turn(deadline)
+                try:
+                    async with self._inline_write(self.inline_writer, deadline) as conn:
+                        yield conn
+                finally:
+                    assert self._write_lock is not None
+                    self._write_lock.release()
+            else:
+                assert self.engine is not None
+                try:
+                    async with self.engine.begin() as conn:
+                        yield conn
+                except DRIVER_ERRORS as error:
+                    raise await self._fault(error) from error
+        except WritesRefused as error:
+            self.write_fault = error
+            raise
+        self.write_fault = None
+
+    async def _take_turn(self, deadline: float) -> None:
+        """On SQLite, this process's writers take turns (FIFO) rather than fight over the file
+        lock; the wait for a turn counts against the write's deadline."""
+        assert self._write_lock is not None
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                await self._write_lock.acquire()
+        except TimeoutError:
+            raise DatabaseBusy() from None
 
     @asynccontextmanager
-    async def _inline_write(self, engine: Engine) -> AsyncIterator[AsyncConnection]:
-        deadline = time.monotonic() + self.busy_timeout_seconds
+    async def _inline_write(
+        self, engine: Engine, deadline: float
+    ) -> AsyncIterator[AsyncConnection]:
         pause = 0.001
         # Writes take turns, so one connection serves them all: kept open between
         # transactions (a pool checkout and check-in cost a busy queue a tenth of each job's
@@ -226,18 +283,26 @@ class Database:
         try:
             async with self.engine.connect() as conn:
                 yield conn
-        except (DBAPIError, OSError) as error:
+        except DRIVER_ERRORS as error:
             raise await self._fault(error) from error
 
-    async def _fault(self, error: DBAPIError | OSError) -> Exception:
+    async def _fault(self, error: DBAPIError | OSError | PoolTimeout) -> Exception:
         domain = translate(error)
         if _needs_fresh_connections(domain) and self.engine is not None:
             await self.engine.dispose()
         return domain
 
-    async def ping(self) -> None:
+    async def check(self) -> None:
+        """Raises ``StorageUnavailable`` while the database cannot be read, or while writes
+        fail for want of a writable disk (from the last write's failure until one succeeds)."""
         async with self.read() as conn:
             await conn.exec_driver_sql("SELECT 1")
+        if self.write_fault is not None:
+            # Has it cleared? A real write finds out (on a full disk, an empty transaction
+            # succeeds): a row rewritten as it is. The service may be idle, with no write of
+            # its own to clear the fault.
+            async with self.write() as conn:
+                await conn.exec_driver_sql("UPDATE alembic_version SET version_num = version_num")
 
     async def dispose(self) -> None:
         self._close_writer_connection()

@@ -14,8 +14,9 @@ to a status in one place (``jobsvc.api.errors``).
     ├── TooLarge                 the upload is over a limit
     ├── UnsupportedMediaType
     ├── NotAcceptable            the result cannot be given in the asked format
-    └── StorageUnavailable       the database cannot take writes now (locked, full, read-only)
-        └── DatabaseBusy         another writer held the lock past the busy timeout
+    └── StorageUnavailable       the database cannot be used now (unreachable, locked, full)
+        ├── DatabaseBusy         another writer held the lock past the busy timeout
+        └── WritesRefused        the disk is full or read-only: writes fail until it clears
 """
 
 from __future__ import annotations
@@ -83,11 +84,16 @@ class NotAcceptable(JobsvcError):
 
 
 class StorageUnavailable(JobsvcError):
-    """The database cannot take writes right now; nothing was changed. Try again later."""
+    """The database cannot be used right now; nothing was changed. Try again later."""
 
 
 class DatabaseBusy(StorageUnavailable):
     """The database is busy with another writer; nothing was changed. Try again shortly."""
+
+
+class WritesRefused(StorageUnavailable):
+    """The database cannot take writes (its disk is full or read-only); nothing was changed.
+    Try again later."""
 
 
 def problems(error: ValidationError, where: str) -> list[dict[str, Any]]:

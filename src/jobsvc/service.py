@@ -579,4 +579,4 @@ class JobService:
         return self.metrics.render(counts, oldest, self.db.now())
 
     async def health(self) -> None:
-        await self.db.ping()
+        await self.db.check()

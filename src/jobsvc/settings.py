@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     max_rows: int = Field(default=50_000_000, ge=1)
     max_columns: int = Field(default=10_000, ge=1)
     max_cell_chars: int = Field(default=1_000_000, ge=1)
+    # The longest a client may take to send a request's headers, and the longest it may pause
+    # while sending a body; past it the connection is closed (after a 408 for a body), so a
+    # slow or stalled client holds no connection, task or upload file for long.
+    request_idle_seconds: float = Field(default=30.0, gt=0)
     # When set (comma-separated), every request but GET /healthz needs one of these keys.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
     lease_seconds: float = Field(default=30.0, gt=0)
@@ -49,6 +53,9 @@ class Settings(BaseSettings):
     # FULL survives a power cut with every acknowledged job; NORMAL is faster and survives a
     # crash of the process but may lose the last transactions on power loss.
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    # How long a request waits for the database before it answers 503: on SQLite for the
+    # write lock, counted from when the write was asked for (its wait behind this process's
+    # other writes included); on PostgreSQL for a free connection of the pool.
     sqlite_busy_timeout_ms: int = Field(default=5_000, ge=0)
     # Where uploaded tables are kept as files. Default: beside a SQLite database file
     # ("<database>.files"); on PostgreSQL, inside the database unless this names a directory

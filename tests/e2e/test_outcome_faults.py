@@ -19,15 +19,13 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
-from tests.conftest import PG_ADMIN_URL, REQUIRE_PG
+from tests.conftest import pg_ctl, pg_running
 from tests.live_jobs import (
     get_events,
     marker_lines,
@@ -38,7 +36,7 @@ from tests.live_jobs import (
     wait_until,
 )
 from tests.live_server import LiveServer
-from tests.storage_faults import fill, mounted
+from tests.storage_faults import checkpoint_truncate, fill, mounted
 
 pytestmark = pytest.mark.slow
 
@@ -112,18 +110,6 @@ def test_an_outcome_waits_out_another_process_holding_the_sqlite_write_lock(
     assert ran_once(marker) == (1, 1)
 
 
-def checkpoint_truncate(path: Path) -> None:
-    """Fold the WAL into the database and cut it to nothing, so the next write must grow it
-    (a WAL of some size would otherwise take small writes into space it already has)."""
-    with sqlite3.connect(path, timeout=30) as conn:
-        wait_until(
-            lambda: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0,
-            10,
-            "a complete WAL checkpoint",
-        )
-    conn.close()
-
-
 def sqlite_write_refused(path: Path) -> str | None:
     """The error a small write to ``path`` meets now, or None if it went through."""
     conn = sqlite3.connect(path, timeout=5, isolation_level=None)
@@ -181,43 +167,6 @@ def test_an_outcome_waits_out_a_full_disk(tmp_path: Path, sqlite_template: Path)
 # --- PostgreSQL restarting ---------------------------------------------------------------------
 
 PG_JOBS = 5
-
-
-def pg_cluster() -> list[str]:
-    """``pg_ctlcluster`` arguments naming the local cluster; skips (or fails, when PostgreSQL
-    is required) where there is none to restart."""
-    versions = sorted(Path("/etc/postgresql").glob("*/main"))
-    local = urlsplit(PG_ADMIN_URL).hostname in {"127.0.0.1", "localhost", "::1"}
-    if not versions or shutil.which("pg_ctlcluster") is None or not local:
-        reason = (
-            f"no local PostgreSQL cluster to restart (pg_ctlcluster, /etc/postgresql/*/main, "
-            f"the tests' server at {PG_ADMIN_URL} on this machine)"
-        )
-        if REQUIRE_PG:
-            pytest.fail(reason + "; JOBSVC_TEST_REQUIRE_POSTGRES is set", pytrace=False)
-        pytest.skip(reason)
-    version = versions[-1].parent.name
-    return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
-
-
-def pg_ctl(cluster: list[str], action: str) -> None:
-    subprocess.run([*cluster, action], check=True, capture_output=True, text=True, timeout=120)
-
-
-def pg_running(cluster: list[str]) -> bool:
-    status = subprocess.run([*cluster, "status"], capture_output=True, text=True, timeout=60)
-    return status.returncode == 0
-
-
-@pytest.fixture
-def cluster() -> Iterator[list[str]]:
-    """The local cluster, running again after the test whatever happened in it."""
-    names = pg_cluster()
-    try:
-        yield names
-    finally:
-        if not pg_running(names):
-            pg_ctl(names, "start")
 
 
 def test_outcomes_wait_out_a_postgresql_restart(

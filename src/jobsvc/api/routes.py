@@ -17,10 +17,11 @@ from starlette.datastructures import UploadFile
 from jobsvc import formats
 from jobsvc.api import json_body
 from jobsvc.api.auth import KeyRing
-from jobsvc.api.errors import JobsvcRoute
+from jobsvc.api.errors import RETRY_AFTER_SECONDS, JobsvcRoute
 from jobsvc.api.uploads import body_to_file, upload_to_file
 from jobsvc.errors import (
     InvalidInput,
+    JobsvcError,
     MalformedRequest,
     NotAcceptable,
     UnsupportedMediaType,
@@ -364,13 +365,15 @@ def build_service_router(runtime: Runtime) -> APIRouter:
         responses={503: {"model": Health}},
     )
     async def healthz() -> JSONResponse:
-        """Liveness, and whether the database answers."""
+        """Liveness, and whether the database can be read and written."""
         try:
             await runtime.service.health()
-        except Exception as error:
+        except Exception as error:  # whatever the fault, it is the database's: 503, never 500
+            reason = error.message if isinstance(error, JobsvcError) else type(error).__name__
             return JSONResponse(
-                {"status": "unavailable", "database": f"unreachable: {type(error).__name__}"},
+                {"status": "unavailable", "database": reason},
                 status_code=503,
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
             )
         return JSONResponse({"status": "ok", "database": "ok"})
 
