@@ -36,7 +36,7 @@ from jobsvc.runner.context import RunnerContext
 from jobsvc.runner.executor import Executor
 from jobsvc.runner.faults import FaultHooks
 from jobsvc.runner.leases import Leases
-from jobsvc.runner.maintenance import LIVE_RUNNERS, ClockSync, Pruner, Rescuer
+from jobsvc.runner.maintenance import LIVE_RUNNERS, ClockSync, CountFolder, Pruner, Rescuer
 from jobsvc.runner.pool import ProcessPool
 from jobsvc.runner.producer import Producer
 from jobsvc.runner.writes import WriteBatch
@@ -91,6 +91,7 @@ class Runner:
         self.maintenance = [
             self.rescuer,
             Pruner(db, self.files, settings.retention_days, first_delay=upkeep),
+            CountFolder(db),
         ]
         if not db.is_sqlite:
             self.maintenance.append(ClockSync(db, upkeep))
