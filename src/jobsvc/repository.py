@@ -777,14 +777,18 @@ async def release_all(
     return released
 
 
-async def count_by_status(conn: AsyncConnection, owner: str | None = None) -> dict[str, int]:
-    """How many jobs are in each status (of ``owner``, or of everyone), from ``job_counts``:
+def status_counts(owner: str | None = None) -> Select[Any]:
+    """The number of jobs in each status (of ``owner``, or of everyone), from ``job_counts``:
     a sum over a few rows per status, however many jobs there are."""
     query = select(job_counts.c.status, func.sum(job_counts.c.n)).group_by(job_counts.c.status)
     if owner is not None:
         query = query.where(job_counts.c.owner == owner)
+    return query
+
+
+async def count_by_status(conn: AsyncConnection, owner: str | None = None) -> dict[str, int]:
     counts = {status.value: 0 for status in JobStatus}
-    for status, count in (await conn.execute(query)).all():
+    for status, count in (await conn.execute(status_counts(owner))).all():
         counts[status] = int(count)
     return counts
 
@@ -831,14 +835,29 @@ async def fold_counts(conn: AsyncConnection) -> int | None:
     return int(left.rowcount)
 
 
-async def oldest_waiting_created_at(conn: AsyncConnection) -> datetime | None:
-    query = select(func.min(jobs.c.created_at)).where(
+def oldest_waiting() -> Select[Any]:
+    """When the oldest queued job was created, read from ``ix_jobs_due`` (waiting jobs only)."""
+    return select(func.min(jobs.c.created_at)).where(
         text(IS_WAITING), jobs.c.status == JobStatus.QUEUED
     )
-    value: datetime | None = (await conn.execute(query)).scalar()
+
+
+async def oldest_waiting_created_at(conn: AsyncConnection) -> datetime | None:
+    value: datetime | None = (await conn.execute(oldest_waiting())).scalar()
     if value is not None and value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value
+
+
+def prunable(finished_before: datetime, limit: int) -> Select[tuple[str]]:
+    """The ids of up to ``limit`` jobs finished before the cutoff, oldest first, read from
+    ``ix_jobs_finished`` (its condition written out, for the planner to see it applies)."""
+    return (
+        select(jobs.c.id)
+        .where(text(IS_FINISHED), jobs.c.finished_at < finished_before)
+        .order_by(jobs.c.finished_at)
+        .limit(limit)
+    )
 
 
 async def prune_finished(
@@ -846,19 +865,7 @@ async def prune_finished(
 ) -> tuple[int, list[str]]:
     """Delete up to ``limit`` finished jobs older than the cutoff (inputs, results and events
     go with them by cascade); how many were deleted, and the input files they leave unused."""
-    ids = (
-        (
-            await conn.execute(
-                select(jobs.c.id)
-                # Literal, for ix_jobs_finished: the oldest finished jobs first.
-                .where(text(IS_FINISHED), jobs.c.finished_at < finished_before)
-                .order_by(jobs.c.finished_at)
-                .limit(limit)
-            )
-        )
-        .scalars()
-        .all()
-    )
+    ids = (await conn.execute(prunable(finished_before, limit))).scalars().all()
     if not ids:
         return 0, []
     names = [
