@@ -322,15 +322,21 @@ def page_query(
     before_id: str | None,
 ) -> Select[Any] | CompoundSelect[Any]:
     """A page of ``list_jobs``. Each filter has an index that ends with the id (``models``),
-    so a page reads its rows in order and stops. Several statuses are one ``UNION ALL`` arm
-    each, merged in id order: an ``IN`` of them could not be read in order, and sorted every
-    match instead."""
+    so a page reads its rows in order and stops.
+
+    Several statuses make a page of each, merged in id order (an ``IN`` of them could not be
+    read in order, and sorted every match instead). Each is a subquery with its own limit:
+    PostgreSQL merges only such pages without sorting; SQLite sorts each page's few rows.
+    """
     wanted: list[str | None] = [*sorted(set(statuses))] or [None]
-    arms = [_matching(owner, status, task, before_id) for status in wanted]
-    if len(arms) == 1:
-        return arms[0].order_by(jobs.c.id.desc()).limit(limit)
-    pages = union_all(*arms)
-    return pages.order_by(pages.selected_columns.id.desc()).limit(limit)
+    pages = [
+        _matching(owner, status, task, before_id).order_by(jobs.c.id.desc()).limit(limit)
+        for status in wanted
+    ]
+    if len(pages) == 1:
+        return pages[0]
+    merged = union_all(*(select(page.subquery()) for page in pages))
+    return merged.order_by(merged.selected_columns.id.desc()).limit(limit)
 
 
 def _matching(
