@@ -3,7 +3,8 @@
     producer ──claims──▶ Attempt ──pool.take──▶ executor ──Outcome──▶ completer
        ▲                                                                   │
        └──────────── slot freed (its claim rides with the outcome) ◀───────┘
-    leases (heartbeat) renew every held attempt; maintenance rescues, prunes, syncs the clock
+    leases (heartbeat) renew every held attempt; maintenance rescues, prunes, folds the counts,
+    syncs the clock
 
 A stop (``stop``): the producers claim no more; running attempts get the grace to finish and
 are recorded as usual; the rest are interrupted (their processes killed) and handed back
