@@ -39,12 +39,17 @@ async def assert_exact(db: Database) -> dict[str, int]:
 
 
 async def submit(db: Database, owner: str, count: int, max_attempts: int = 3) -> list[str]:
-    job = NewJob(
+    async with db.write() as conn:
+        rows = await repo.insert_jobs(
+            conn, [(new_job(owner, max_attempts), None)] * count, db.now()
+        )
+    return [row.id for row in rows]
+
+
+def new_job(owner: str = "", max_attempts: int = 3) -> NewJob:
+    return NewJob(
         task="double", params={}, max_attempts=max_attempts, retry_delay_seconds=0, owner=owner
     )
-    async with db.write() as conn:
-        rows = await repo.insert_jobs(conn, [(job, None)] * count, db.now())
-    return [row.id for row in rows]
 
 
 async def claim(db: Database, count: int, lease: timedelta = timedelta(minutes=1)) -> list[str]:
@@ -55,13 +60,6 @@ async def claim(db: Database, count: int, lease: timedelta = timedelta(minutes=1
         claimed = await repo.claim_with_inputs(conn, WORKER, now, now + lease, count)
     assert len(claimed) == count
     return [job.id for job, _ in claimed]
-
-
-async def attempt_of(db: Database, job_id: str) -> int:
-    async with db.read() as conn:
-        row = await repo.get_job(conn, job_id)
-    assert row is not None
-    return int(row.attempts)
 
 
 async def test_counts_stay_exact_through_every_transition(db: Database) -> None:
@@ -77,12 +75,11 @@ async def test_counts_stay_exact_through_every_transition(db: Database) -> None:
     error = AttemptError("ValueError", "no")
     async with db.write() as conn:
         now = db.now()
-        await repo.finish_succeeded(
-            conn, succeeded, WORKER, 1, ResultData(kind="json", value={"a": 1}), now
-        )
-        await repo.finish_failed_attempt(conn, retrying, WORKER, 1, error, now, retry_at=now)
-        await repo.finish_failed_attempt(conn, failed, WORKER, 1, error, now, retry_at=None)
-        await repo.release(conn, handed_back, WORKER, 1, now)  # a stop hands it back
+        result = ResultData(kind="json", value={"a": 1})
+        assert await repo.finish_succeeded(conn, succeeded, WORKER, 1, result, now)
+        assert await repo.finish_failed_attempt(conn, retrying, WORKER, 1, error, now, now)
+        assert await repo.finish_failed_attempt(conn, failed, WORKER, 1, error, now, None)
+        assert await repo.release(conn, handed_back, WORKER, 1, now)  # a stop hands it back
     counts = await assert_exact(db)
     assert (counts["succeeded"], counts["retrying"], counts["failed"]) == (1, 1, 1)
 
@@ -132,8 +129,6 @@ async def test_a_fold_leaves_a_row_per_owner_and_status(db: Database) -> None:
     await submit(db, "", 5)
     await submit(db, "key-b", 3)
     await claim(db, 2)
-    async with db.write() as conn:
-        await repo.prune_finished(conn, db.now(), 100)  # nothing finished: nothing deleted
     before = await assert_exact(db)
 
     folder = CountFolder(db)
@@ -179,7 +174,3 @@ async def test_a_fold_keeps_the_changes_that_commit_meanwhile(pg_database_url: s
         assert (await assert_exact(db))["queued"] == 5
     finally:
         await db.dispose()
-
-
-def new_job() -> NewJob:
-    return NewJob(task="double", params={}, max_attempts=3, retry_delay_seconds=0)
