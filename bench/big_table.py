@@ -82,6 +82,7 @@ UI_POLL_SECONDS = 2.0
 
 
 def uuid7(ms: int, sequence: int) -> str:
+    """An id of the time ``ms``, as the service makes them (UUIDv7), told apart by ``sequence``."""
     value = ms << 80 | 0x7 << 76 | (sequence & 0xFFF) << 64 | 0x2 << 62 | sequence
     hex_ = f"{value:032x}"
     return f"{hex_[:8]}-{hex_[8:12]}-{hex_[12:16]}-{hex_[16:20]}-{hex_[20:]}"
