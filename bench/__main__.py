@@ -21,6 +21,7 @@ BENCHMARKS = [
     "latency",
     "status_reads",
     "postgres",
+    "big_table",
 ]
 
 

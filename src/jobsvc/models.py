@@ -6,6 +6,7 @@
 - ``job_inputs``: the input data of a job (JSON records, or Parquet).
 - ``job_results``: the result of a succeeded job, written once, with the status change.
 - ``job_events``: every status a job entered, with the attempt and that attempt's error.
+- ``job_counts``: how many jobs each owner has in each status, kept by triggers on ``jobs``.
 
 The schema is made only by the Alembic migrations; ``alembic check`` compares it with this module.
 """
@@ -43,6 +44,7 @@ from jobsvc.lifecycle import JobStatus
 # SQLite and of PostgreSQL's generic plans) to see that the index applies.
 IS_WAITING = "status IN ('queued', 'retrying')"
 IS_RUNNING = "status = 'running'"
+IS_FINISHED = "status IN ('succeeded', 'failed', 'cancelled')"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -135,8 +137,21 @@ class Job(Base):
             sqlite_where=text(IS_RUNNING),
             postgresql_where=text(IS_RUNNING),
         ),
-        Index(None, "owner", "status"),
-        Index(None, "task"),
+        # The list, newest first, for each filter (owner always; status, task, both): each
+        # index gives its rows in id order, so a page reads its rows and stops, where an index
+        # on the filter alone read every match and sorted them (456 ms for the first page of
+        # 1,000,000 finished jobs on SQLite).
+        Index(None, "owner", "id"),
+        Index(None, "owner", "status", "id"),
+        Index(None, "owner", "task", "id"),
+        Index(None, "owner", "status", "task", "id"),
+        # Retention: the finished jobs, oldest first, so a prune reads only what it deletes.
+        Index(
+            "ix_jobs_finished",
+            "finished_at",
+            sqlite_where=text(IS_FINISHED),
+            postgresql_where=text(IS_FINISHED),
+        ),
     )
 
 
@@ -187,8 +202,29 @@ class JobEvent(Base):
     error_traceback: Mapped[str | None] = mapped_column(Text)
 
 
+class JobCount(Base):
+    """How many jobs an owner has in a status: the sum of ``n`` over the rows of that owner
+    and status.
+
+    Triggers on ``jobs`` (made by migration 0005) add a row for every insert, delete and
+    status change, in the transaction that makes it: +1 for the status entered, -1 for the
+    one left. Rows are only ever added, so concurrent writers never wait for one another
+    here (one row per status, updated in place, would serialise every transaction of every
+    instance); ``repository.fold_counts`` now and then replaces them by one row per owner and
+    status. Counting the jobs themselves read the whole table (197 ms for 1,000,000 jobs).
+    """
+
+    __tablename__ = "job_counts"
+
+    id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    n: Mapped[int] = mapped_column(Integer)
+
+
 # The tables as Core objects, for the repository's statements.
 jobs = cast(Table, Job.__table__)
 job_inputs = cast(Table, JobInput.__table__)
 job_results = cast(Table, JobResult.__table__)
 job_events = cast(Table, JobEvent.__table__)
+job_counts = cast(Table, JobCount.__table__)

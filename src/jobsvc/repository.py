@@ -22,6 +22,7 @@ from operator import itemgetter
 from typing import Any, cast
 
 from sqlalchemy import (
+    CompoundSelect,
     Dialect,
     Integer,
     Row,
@@ -36,12 +37,12 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobsvc.lifecycle import (
-    TERMINAL,
     AttemptError,
     Decision,
     JobStatus,
@@ -51,9 +52,11 @@ from jobsvc.lifecycle import (
     lost_worker_error,
 )
 from jobsvc.models import (
+    IS_FINISHED,
     IS_RUNNING,
     IS_WAITING,
     UTCDateTime,
+    job_counts,
     job_events,
     job_inputs,
     job_results,
@@ -305,16 +308,50 @@ async def list_jobs(
     before_id: str | None = None,
 ) -> Sequence[JobRow]:
     """Newest first. Ids are time-ordered, so the cursor is simply the last id seen."""
-    query = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+    rows: Sequence[JobRow] = (
+        await conn.execute(page_query(owner, statuses, task, limit, before_id))
+    ).all()
+    return rows
+
+
+def page_query(
+    owner: str | None,
+    statuses: Collection[str],
+    task: str | None,
+    limit: int,
+    before_id: str | None,
+) -> Select[Any] | CompoundSelect[Any]:
+    """A page of ``list_jobs``. Each filter has an index that ends with the id (``models``),
+    so a page reads its rows in order and stops.
+
+    Several statuses make a page of each, merged in id order (an ``IN`` of them could not be
+    read in order, and sorted every match instead). Each is a subquery with its own limit:
+    PostgreSQL merges only such pages without sorting; SQLite sorts each page's few rows.
+    """
+    wanted: list[str | None] = [*sorted(set(statuses))] or [None]
+    pages = [
+        _matching(owner, status, task, before_id).order_by(jobs.c.id.desc()).limit(limit)
+        for status in wanted
+    ]
+    if len(pages) == 1:
+        return pages[0]
+    merged = union_all(*(select(page.subquery()) for page in pages))
+    return merged.order_by(merged.selected_columns.id.desc()).limit(limit)
+
+
+def _matching(
+    owner: str | None, status: str | None, task: str | None, before_id: str | None
+) -> Select[Any]:
+    query = select(jobs)
     if owner is not None:
         query = query.where(jobs.c.owner == owner)
-    if statuses:
-        query = query.where(jobs.c.status.in_(statuses))
+    if status is not None:
+        query = query.where(jobs.c.status == status)
     if task is not None:
         query = query.where(jobs.c.task == task)
     if before_id is not None:
         query = query.where(jobs.c.id < before_id)
-    return (await conn.execute(query)).all()
+    return query
 
 
 async def list_events(conn: AsyncConnection, job_id: str) -> Sequence[JobRow]:
@@ -746,24 +783,87 @@ async def release_all(
     return released
 
 
-async def count_by_status(conn: AsyncConnection, owner: str | None = None) -> dict[str, int]:
-    query = select(jobs.c.status, func.count()).group_by(jobs.c.status)
+def status_counts(owner: str | None = None) -> Select[Any]:
+    """The number of jobs in each status (of ``owner``, or of everyone), from ``job_counts``:
+    a sum over a few rows per status, however many jobs there are."""
+    query = select(job_counts.c.status, func.sum(job_counts.c.n)).group_by(job_counts.c.status)
     if owner is not None:
-        query = query.where(jobs.c.owner == owner)
+        query = query.where(job_counts.c.owner == owner)
+    return query
+
+
+async def count_by_status(conn: AsyncConnection, owner: str | None = None) -> dict[str, int]:
     counts = {status.value: 0 for status in JobStatus}
-    for status, count in (await conn.execute(query)).all():
-        counts[status] = count
+    for status, count in (await conn.execute(status_counts(owner))).all():
+        counts[status] = int(count)
     return counts
 
 
-async def oldest_waiting_created_at(conn: AsyncConnection) -> datetime | None:
-    query = select(func.min(jobs.c.created_at)).where(
+# An arbitrary constant naming the fold among the server's advisory locks (PostgreSQL).
+_FOLD_LOCK_KEY = 0x6A6F6275
+# PostgreSQL: the rows summed are the rows deleted, in one statement, so a change that
+# commits meanwhile is neither lost nor counted twice (it stays, a row of its own).
+_FOLD_POSTGRES = """
+WITH gone AS (DELETE FROM job_counts RETURNING owner, status, n)
+INSERT INTO job_counts (owner, status, n)
+SELECT owner, status, SUM(n) FROM gone GROUP BY owner, status HAVING SUM(n) <> 0
+"""
+
+
+async def count_rows(conn: AsyncConnection) -> int:
+    """How many rows ``job_counts`` holds (``fold_counts`` makes them few again)."""
+    return int((await conn.execute(select(func.count()).select_from(job_counts))).scalar_one())
+
+
+async def fold_counts(conn: AsyncConnection) -> int | None:
+    """Replace the rows of ``job_counts`` by one per owner and status, with their sum; how
+    many rows that left (None: another instance is folding them)."""
+    if conn.dialect.name == "postgresql":
+        # One fold at a time: a second would only wait for the first's rows, then find none.
+        locked = select(func.pg_try_advisory_xact_lock(_FOLD_LOCK_KEY))
+        if not (await conn.execute(locked)).scalar_one():
+            return None
+        return int((await conn.exec_driver_sql(_FOLD_POSTGRES)).rowcount)
+    # SQLite: nothing else writes during this transaction. The sums are new rows, above
+    # the highest id folded.
+    last = (await conn.execute(select(func.max(job_counts.c.id)))).scalar()
+    if last is None:
+        return 0
+    folded = job_counts.c.id <= last
+    sums = (
+        select(job_counts.c.owner, job_counts.c.status, func.sum(job_counts.c.n))
+        .where(folded)
+        .group_by(job_counts.c.owner, job_counts.c.status)
+        .having(func.sum(job_counts.c.n) != 0)
+    )
+    left = await conn.execute(insert(job_counts).from_select(["owner", "status", "n"], sums))
+    await conn.execute(delete(job_counts).where(folded))
+    return int(left.rowcount)
+
+
+def oldest_waiting() -> Select[Any]:
+    """When the oldest queued job was created, read from ``ix_jobs_due`` (waiting jobs only)."""
+    return select(func.min(jobs.c.created_at)).where(
         text(IS_WAITING), jobs.c.status == JobStatus.QUEUED
     )
-    value: datetime | None = (await conn.execute(query)).scalar()
+
+
+async def oldest_waiting_created_at(conn: AsyncConnection) -> datetime | None:
+    value: datetime | None = (await conn.execute(oldest_waiting())).scalar()
     if value is not None and value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value
+
+
+def prunable(finished_before: datetime, limit: int) -> Select[tuple[str]]:
+    """The ids of up to ``limit`` jobs finished before the cutoff, oldest first, read from
+    ``ix_jobs_finished`` (its condition written out, for the planner to see it applies)."""
+    return (
+        select(jobs.c.id)
+        .where(text(IS_FINISHED), jobs.c.finished_at < finished_before)
+        .order_by(jobs.c.finished_at)
+        .limit(limit)
+    )
 
 
 async def prune_finished(
@@ -771,17 +871,7 @@ async def prune_finished(
 ) -> tuple[int, list[str]]:
     """Delete up to ``limit`` finished jobs older than the cutoff (inputs, results and events
     go with them by cascade); how many were deleted, and the input files they leave unused."""
-    ids = (
-        (
-            await conn.execute(
-                select(jobs.c.id)
-                .where(jobs.c.status.in_(TERMINAL), jobs.c.finished_at < finished_before)
-                .limit(limit)
-            )
-        )
-        .scalars()
-        .all()
-    )
+    ids = (await conn.execute(prunable(finished_before, limit))).scalars().all()
     if not ids:
         return 0, []
     names = [

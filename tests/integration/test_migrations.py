@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from sqlalchemy import inspect
+from sqlalchemy import func, inspect, select, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from jobsvc import migrate
+from jobsvc import repository as repo
 from jobsvc.db import Database
+from jobsvc.models import jobs
 from jobsvc.settings import Settings
+from jobsvc.submission import NewJob
 from tests.conftest import _asyncpg_url, pg_admin
 
 JOB_TABLES = {"jobs", "job_inputs", "job_results", "job_events"}
@@ -135,3 +138,32 @@ async def test_sqlite_pragmas_follow_the_settings(tmp_path: Path) -> None:
     pragmas = await _pragmas(settings, "writer")
     assert pragmas["synchronous"] == 1  # NORMAL
     assert Database(settings).busy_timeout_seconds == 1.234  # write() waits this long, asleep
+
+
+async def test_the_counts_start_from_the_jobs_already_there(empty_settings: Settings) -> None:
+    """Migration 0005 counts the jobs a database already holds into ``job_counts``."""
+    await asyncio.to_thread(migrate.upgrade, empty_settings, "0004")
+    db = Database(empty_settings)
+    try:
+        async with db.write() as conn:
+            for owner, statuses in (("", ["succeeded"] * 3 + ["failed"]), ("key-b", ["queued"])):
+                job = NewJob(
+                    task="double", params={}, max_attempts=3, retry_delay_seconds=0, owner=owner
+                )
+                rows = await repo.insert_jobs(conn, [(job, None)] * len(statuses), db.now())
+                for row, status in zip(rows, statuses, strict=True):
+                    await conn.execute(
+                        update(jobs).where(jobs.c.id == row.id).values(status=status)
+                    )
+        await db.dispose()
+        await asyncio.to_thread(migrate.upgrade, empty_settings)
+        async with db.read() as conn:
+            for owner in (None, "", "key-b"):
+                query = select(jobs.c.status, func.count()).group_by(jobs.c.status)
+                if owner is not None:
+                    query = query.where(jobs.c.owner == owner)
+                grouped = dict((await conn.execute(query)).all())
+                counts = await repo.count_by_status(conn, owner)
+                assert {s: n for s, n in counts.items() if n} == grouped, owner
+    finally:
+        await db.dispose()

@@ -3,7 +3,8 @@
     producer ──claims──▶ Attempt ──pool.take──▶ executor ──Outcome──▶ completer
        ▲                                                                   │
        └──────────── slot freed (its claim rides with the outcome) ◀───────┘
-    leases (heartbeat) renew every held attempt; maintenance rescues, prunes, syncs the clock
+    leases (heartbeat) renew every held attempt; maintenance rescues, prunes, folds the counts,
+    syncs the clock
 
 A stop (``stop``): the producers claim no more; running attempts get the grace to finish and
 are recorded as usual; the rest are interrupted (their processes killed) and handed back
@@ -38,7 +39,7 @@ from jobsvc.runner.executor import Executor
 from jobsvc.runner.faults import FaultHooks
 from jobsvc.runner.idle_work import IdleWorkConverter
 from jobsvc.runner.leases import Leases
-from jobsvc.runner.maintenance import LIVE_RUNNERS, ClockSync, Pruner, Rescuer
+from jobsvc.runner.maintenance import LIVE_RUNNERS, ClockSync, CountFolder, Pruner, Rescuer
 from jobsvc.runner.pool import ProcessPool
 from jobsvc.runner.producer import Producer
 from jobsvc.runner.writes import WriteBatch
@@ -93,6 +94,7 @@ class Runner:
         self.maintenance = [
             self.rescuer,
             Pruner(db, self.files, settings.retention_days, first_delay=upkeep),
+            CountFolder(db),
         ]
         if not db.is_sqlite:
             self.maintenance.append(ClockSync(db, upkeep))
