@@ -8,6 +8,7 @@ as Parquet (columnar, compressed, typed); JSON records submitted inline are kept
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import hashlib
 import io
@@ -175,12 +176,15 @@ def parse_upload(
     Without ``cache_at``, return it as Parquet bytes (an input kept in the database). With
     it, the caller keeps the upload itself as a file: return no bytes, and leave the parsed
     table of a CSV or NDJSON upload at ``cache_at`` as an Arrow file for the worker to map
-    (fsynced only when ``durable_cache``; see ``files``).
+    (fsynced only when ``durable_cache``; see ``files``), if the disk has room for it.
     """
     if cache_at is not None and media_type in TEXT_UPLOADS:
         parsed, frame = read_kept_upload(path, media_type, limits, digest=digest)
         table = pa.Table.from_pandas(frame, preserve_index=False)
-        write_arrow_file(table, Path(cache_at), durable=durable_cache)
+        # The copy only saves the worker a parse: a disk without room for it (or any other
+        # refusal) costs that parse, never the upload, which is already stored whole.
+        with contextlib.suppress(OSError):
+            write_arrow_file(table, Path(cache_at), durable=durable_cache)
         return parsed
     file, sha256, size = _opened(path, digest)
     if media_type == PARQUET:

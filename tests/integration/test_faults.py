@@ -88,6 +88,35 @@ async def test_an_upload_on_a_full_disk_answers_503_and_leaves_no_file(
             assert (done["status"], done["error"]) == ("succeeded", None)
 
 
+async def test_an_upload_that_fits_is_not_refused_for_want_of_room_for_its_parsed_copy(
+    tmp_path: Path, sqlite_template: Path
+) -> None:
+    """With the worker busy, a converter process checks the upload and would leave its parsed
+    table beside it as a copy: on a disk with room for the upload but not for that copy too,
+    the upload is accepted all the same, and the worker parses it when the job runs."""
+    csv = b"a,b\n" + b"".join(b"%d,%d\n" % (i, i * 2) for i in range(200_000))  # 2.3 MB
+    release = tmp_path / "release"
+    with mounted("-t", "tmpfs", "-o", "size=16m", "tmpfs", target=tmp_path / "disk") as disk:
+        shutil.copyfile(sqlite_template, disk / "jobsvc.db")
+        async with service(f"sqlite+aiosqlite:///{disk / 'jobsvc.db'}") as client:
+            holder = await submit(client, "wait_for_file", params={"path": str(release)})
+            await wait_for_status(client, holder["id"], "running")
+            filler = fill(disk)
+            # Room for the upload (2.3 MB) and the rows, not for its copy as well (3.2 MB).
+            os.truncate(filler, filler.stat().st_size - 4 * 2**20)
+            response = await client.post(
+                "/jobs?task=summarize", content=csv, headers={"Content-Type": "text/csv"}
+            )
+            assert response.status_code == 202, response.text
+            files = os.listdir(disk / "jobsvc.db.files")
+            assert files == [f"{response.json()['id']}.csv"]  # the upload, no copy
+            release.touch()
+            done = await wait_for_status(client, response.json()["id"])
+            assert (done["status"], done["error"]) == ("succeeded", None)
+            result = (await client.get(f"/jobs/{done['id']}/result")).json()
+            assert result["rows"] == 200_000
+
+
 async def test_a_read_only_database_answers_503_and_recovers(
     tmp_path: Path, sqlite_template: Path
 ) -> None:
