@@ -44,9 +44,6 @@ GROWTH_LIMIT_MB = 256
 CHILDREN_PEAK_LIMIT_MB = 1024
 ANSWER_SECONDS = 10.0
 
-pytestmark = pytest.mark.parametrize("backend", ["sqlite"])
-
-
 # --- the inputs ----------------------------------------------------------------------------
 
 
