@@ -6,6 +6,7 @@ import csv
 import io
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,21 +14,31 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jobsvc.errors import TooLarge
-from jobsvc.scan import LineScanner, characters, checked
+from jobsvc.scan import LineScanner, characters, check_lines
 
 MAX_CHARS = 100
 MAX_FIELDS = 5
 
 
-def scan(data: bytes, chunk: int = 1 << 20, max_fields: int | None = MAX_FIELDS) -> None:
-    scanner = LineScanner(MAX_CHARS, max_fields)
+def scan(
+    data: bytes,
+    chunk: int = 1 << 20,
+    max_fields: int | None = MAX_FIELDS,
+    max_chars: int = MAX_CHARS,
+) -> None:
+    scanner = LineScanner(max_chars, max_fields)
     for start in range(0, len(data), chunk):
         scanner.feed(data[start : start + chunk])
 
 
-def refusal(data: bytes, chunk: int = 1 << 20, max_fields: int | None = MAX_FIELDS) -> str:
+def refusal(
+    data: bytes,
+    chunk: int = 1 << 20,
+    max_fields: int | None = MAX_FIELDS,
+    max_chars: int = MAX_CHARS,
+) -> str:
     with pytest.raises(TooLarge) as refused:
-        scan(data, chunk, max_fields)
+        scan(data, chunk, max_fields, max_chars)
     return str(refused.value)
 
 
@@ -92,13 +103,23 @@ def test_without_a_delimiter_only_lengths_count() -> None:
     scan(b'{"a": 1, "b": 2, "c": 3, "d": 4, "e": 5, "f": 6}\n', max_fields=None)
 
 
-def test_a_checked_reader_gives_the_parser_the_same_bytes_and_stops_a_long_line() -> None:
-    data = b"a,b\n" + b"1,2\n" * 10_000
-    frame = pd.read_csv(checked(io.BytesIO(data), LineScanner(MAX_CHARS, MAX_FIELDS), 1000))
-    assert frame.equals(pd.read_csv(io.BytesIO(data)))
-    endless = b"a\n" + b"1," * 1_000_000
-    with pytest.raises(TooLarge):
-        pd.read_csv(checked(io.BytesIO(endless), LineScanner(MAX_CHARS, MAX_FIELDS), 1000))
+def test_a_file_is_checked_a_chunk_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "a.csv"
+    path.write_bytes(b"a,b\r\n" + b"1,2\r\n" * 10_000)
+    assert check_lines(path, MAX_CHARS, MAX_FIELDS) == 2 * 10_001  # \r\n counts twice
+    path.write_bytes(b"a\n" + b"1," * 1_000_000)
+    with pytest.raises(TooLarge, match="line 2"):
+        check_lines(path, MAX_CHARS, MAX_FIELDS)
+
+
+@pytest.mark.parametrize("where", [0, 1000, (1 << 20) - 5_000, 3 << 20])
+def test_one_long_line_among_short_ones_is_found_wherever_it_is(where: int) -> None:
+    # Limits large enough that short lines are passed over without being measured.
+    short = b"1,2,3\n" * ((4 << 20) // 6)
+    line = b"x" * 20_001 + b"\n"
+    data = short[:where] + (b"\n" if where else b"") + line + short[where:]
+    assert "20000 characters" in refusal(data, 1 << 20, max_fields=10_000, max_chars=20_000)
+    scan(short, 1 << 20, max_fields=10_000, max_chars=20_000)
 
 
 def _expected_refusal(data: bytes) -> bool:
