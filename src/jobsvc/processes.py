@@ -79,6 +79,10 @@ def start_child(memory_mb: int | None = None) -> None:
     """A converter process's start: lower priority, stop signals ignored, its memory capped."""
     ignore_stop_signals()
     os.nice(NICENESS)
+    # pydantic's Rust code panics when an allocation fails, and a panic's backtrace is
+    # resolved with more allocations: with RUST_BACKTRACE=1, a process at its cap hung there
+    # (asleep, 3.2 GB resident) instead of ending, and its call never returned.
+    os.environ["RUST_BACKTRACE"] = "0"
     cap_growth(memory_mb)
 
 

@@ -388,15 +388,36 @@ async def test_a_hostile_parquet_file_is_refused(client: httpx.AsyncClient, name
     await refused(client, post_file(client, make(), PARQUET), (status,), *words)
 
 
+def sparse_ndjson() -> bytes:
+    # 230 kB whose 20,000 rows each have a key of their own: pandas makes a dense table of
+    # 20,000 x 20,000 cells (3.2 GB), which no limit on the input's shape prevents.
+    return b"".join(b'{"k%d": 1}\n' % i for i in range(20_000))
+
+
+def empty_records() -> bytes:
+    # 15 MB of JSON: 5 M empty records, 400 MB as Python objects. pydantic's Rust code panics
+    # when an allocation fails, and aborts its process (it hung there while it resolved a
+    # backtrace, with RUST_BACKTRACE=1 as here).
+    return b'{"task": "summarize", "data": [' + b"{}," * 5_000_000 + b"{}]}"
+
+
+SHAPES = {
+    "NDJSON of a key a row": (sparse_ndjson, NDJSON),
+    "JSON of 5 M empty records": (empty_records, "application/json"),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
 async def test_a_shape_no_limit_foresaw_fails_its_request_not_the_machine(
-    database_url: str,
+    database_url: str, shape: str
 ) -> None:
-    # 230 kB of NDJSON whose 20,000 rows each have a key of their own: pandas makes a dense
-    # table of 20,000 x 20,000 cells (3.2 GB), which no limit on the input's shape prevents.
-    body = b"".join(b'{"k%d": 1}\n' % i for i in range(20_000))
-    async with service(database_url, converter_memory_mb=512) as client:
+    make, content_type = SHAPES[shape]
+    async with service(database_url, converter_memory_mb=256) as client:
         await refused(
-            client, post_file(client, body, NDJSON), (413,), "JOBSVC_CONVERTER_MEMORY_MB=512"
+            client,
+            post_file(client, make(), content_type),
+            (413,),
+            "JOBSVC_CONVERTER_MEMORY_MB=256",
         )
         # The converter process was replaced, and the next upload is converted as ever.
         after = await post_file(client, b"a\n1\n", CSV)()
