@@ -1,5 +1,5 @@
-"""Inputs shaped to exhaust memory are refused while they stream, quickly, with a 4xx that
-names the limit, nothing stored, and the service's processes staying small.
+"""Inputs shaped to exhaust memory are refused before pandas parses them, quickly, with a 4xx
+that names the limit, nothing stored, and the service's processes staying small.
 
 Measured on the code before these checks, with 100 MB inputs and the parse under a 4 GB
 address-space cap: a CSV line of 50 M fields grew its converter process to 3.8 GB in 17 s
@@ -283,7 +283,7 @@ def post_file(client: httpx.AsyncClient, content: Any, content_type: str) -> Cal
 
 
 @pytest.mark.parametrize("name", list(LARGE))
-async def test_a_large_hostile_upload_is_refused_while_it_streams(
+async def test_a_large_hostile_upload_is_refused_before_it_is_parsed(
     client: httpx.AsyncClient, inputs: Path, name: str
 ) -> None:
     content_type, _, words = LARGE[name]
