@@ -85,7 +85,10 @@ class JobQueue:
             # Alembic runs its own event loop: give it a thread.
             await asyncio.to_thread(migrate.upgrade, self.settings)
         self.db = Database(self.settings)
-        self._converter = ConverterPool(size=max(1, min(2, self.settings.workers)))
+        self._converter = ConverterPool(
+            size=max(1, min(2, self.settings.workers)),
+            memory_mb=self.settings.converter_memory_mb,
+        )
         converter: Converter = self._converter
         if self.run_workers:
             self.runner = Runner(self.settings, self.db, metrics=self.metrics, faults=self.faults)

@@ -12,6 +12,7 @@ to a status in one place (``jobsvc.api.errors``).
     │   ├── InvalidParams
     │   └── InvalidData          malformed or unsupported input data
     ├── TooLarge                 the upload is over a limit
+    │   └── NeedsMoreMemory      its conversion needs more memory than one may take
     ├── UnsupportedMediaType
     ├── NotAcceptable            the result cannot be given in the asked format
     └── StorageUnavailable       the database cannot be used now (unreachable, locked, full)
@@ -73,6 +74,10 @@ class InvalidData(InvalidInput):
 
 class TooLarge(JobsvcError):
     """The request is larger than the service accepts."""
+
+
+class NeedsMoreMemory(TooLarge):
+    """The input needs more memory to convert than the service allows one conversion."""
 
 
 class UnsupportedMediaType(JobsvcError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import csv
+import errno
 import hashlib
 import io
 import json
@@ -21,9 +21,11 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
+from jobsvc import scan
 from jobsvc.errors import InvalidData, TooLarge, UnsupportedMediaType
 from jobsvc.files import RESULT_FILE_MIN_BYTES, fsync_directory
 from jobsvc.lifecycle import ResultData
@@ -80,7 +82,11 @@ def _check_shape(rows: int, columns: int, limits: Limits) -> None:
     if columns > limits.max_columns:
         raise TooLarge(f"the data has {columns} columns; the limit is {limits.max_columns}")
     if rows > limits.max_rows:
-        raise TooLarge(f"the data has {rows} rows; the limit is {limits.max_rows}")
+        # A text upload is read no further than one row past the limit: "more than" is all
+        # that is known of it.
+        raise TooLarge(
+            f"the data has more than {limits.max_rows} rows; the limit is {limits.max_rows}"
+        )
 
 
 def _check_cells(frame: pd.DataFrame, limits: Limits) -> None:
@@ -125,13 +131,6 @@ def check_records(records: list[dict[str, Any]], limits: Limits) -> int:
                     f"the limit is {limits.max_cell_chars}"
                 )
     return columns
-
-
-def _csv_header_width(path: Path) -> int:
-    # Count the header's columns before pandas allocates anything for them.
-    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
-        header = handle.readline(8 * 1024 * 1024)
-    return len(next(csv.reader([header]), []))
 
 
 def as_frame(data: Any) -> pd.DataFrame:
@@ -188,17 +187,10 @@ def parse_upload(
         return parsed
     file, sha256, size = _opened(path, digest)
     if media_type == PARQUET:
-        try:
-            metadata = pq.read_metadata(file)
-        except (pa.ArrowException, OSError) as error:
-            raise InvalidData(f"the body is not a readable Parquet file: {error}") from None
-        _check_shape(metadata.num_rows, metadata.num_columns, limits)
+        rows, columns = _check_parquet(file, limits)
         if cache_at is not None:  # the worker reads the kept file; nothing to cache
-            return ParsedUpload(
-                "parquet", None, metadata.num_rows, metadata.num_columns, sha256, size
-            )
-        data = file.read_bytes()
-        return ParsedUpload("parquet", data, metadata.num_rows, metadata.num_columns, sha256, size)
+            return ParsedUpload("parquet", None, rows, columns, sha256, size)
+        return ParsedUpload("parquet", file.read_bytes(), rows, columns, sha256, size)
     frame = _read_text_table(file, media_type, limits)
     data = frame_to_parquet(frame)
     return ParsedUpload("parquet", data, len(frame), len(frame.columns), sha256, len(data))
@@ -227,27 +219,95 @@ def _opened(path: str, digest: bool) -> tuple[Path, str, int]:
     return file, sha256, size
 
 
-def _read_text_table(file: Path, media_type: str, limits: Limits) -> pd.DataFrame:
+def _read_text_table(file: Path, media_type: str, limits: Limits | None) -> pd.DataFrame:
+    """A CSV or NDJSON file's table. With ``limits``, its lines are checked before pandas
+    reads it (``scan``), and pandas reads no more than one row past the limit; without, it is
+    a kept upload that was checked when it came."""
+    if media_type not in TEXT_UPLOADS:
+        raise UnsupportedMediaType(
+            f"content type {media_type!r} is not accepted; use one of {', '.join(UPLOAD_TYPES)}"
+        )
     kind = "CSV" if media_type == CSV else "NDJSON"
+    nrows = None
+    if limits is not None:
+        columns = limits.max_columns if media_type == CSV else None
+        if scan.check_lines(file, limits.max_cell_chars, columns) >= limits.max_rows:
+            nrows = limits.max_rows + 1  # only then: it costs pandas a third of its speed
     try:
         if media_type == CSV:
-            _check_shape(0, _csv_header_width(file), limits)
-            frame = pd.read_csv(file)
-        elif media_type == NDJSON:
-            frame = pd.read_json(file, lines=True)
+            frame = pd.read_csv(file, nrows=nrows)
         else:
-            raise UnsupportedMediaType(
-                f"content type {media_type!r} is not accepted; use one of {', '.join(UPLOAD_TYPES)}"
-            )
+            frame = pd.read_json(file, lines=True, nrows=nrows)
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        if "out of memory" in str(error):  # how pandas' tokenizer says it
+            raise MemoryError from None
         # UnicodeDecodeError and pandas' parser errors are ValueErrors too.
         raise InvalidData(f"the {kind} cannot be parsed: {_one_line(error)}") from None
     if len(frame.columns) == 0:
         raise InvalidData(f"the {kind} holds no data (no columns)")
-    _check_shape(len(frame), len(frame.columns), limits)
-    _check_cells(frame, limits)
+    if limits is not None:
+        _check_shape(len(frame), len(frame.columns), limits)
+        _check_cells(frame, limits)
     frame.columns = [str(column) for column in frame.columns]
     return frame
+
+
+def _check_parquet(file: Path, limits: Limits) -> tuple[int, int]:
+    """A Parquet upload's rows and columns, read and checked with bounded memory.
+
+    Its footer says its shape, and may lie: one of 200,000 columns takes 0.9 s and 540 MB to
+    decode, so the decoder refuses lists longer than the limits allow before it reads them.
+    The data is then decoded a batch at a time, so that the worker reads a file known to be
+    whole, with no cell over the limit.
+    """
+    items = max(4 * limits.max_columns, 100_000)  # a column takes up to ~4 schema entries
+    try:
+        with pq.ParquetFile(file, thrift_container_size_limit=items) as parquet:
+            metadata = parquet.metadata
+            _check_shape(metadata.num_rows, metadata.num_columns, limits)
+            rows = 0
+            batch_rows = max(1, (1 << 22) // max(1, metadata.num_columns))  # ~4 M cells
+            for batch in parquet.iter_batches(batch_size=batch_rows):
+                rows += batch.num_rows
+                for name, column in zip(batch.schema.names, batch.columns, strict=True):
+                    longest = _longest_value(column)
+                    if longest > limits.max_cell_chars:
+                        raise TooLarge(
+                            f"column {name!r} has a cell of {longest} characters; "
+                            f"the limit is {limits.max_cell_chars}"
+                        )
+    except MemoryError:  # Arrow's is an ArrowException too: not the file's fault
+        raise
+    except OSError as error:
+        if error.errno == errno.ENOMEM:
+            raise
+        if "Exceeded size limit" in str(error):
+            raise TooLarge(
+                f"the Parquet footer is larger than the limits allow (more than {items} "
+                f"columns or row groups); the limit is {limits.max_columns} columns"
+            ) from None
+        raise InvalidData(f"the body is not a readable Parquet file: {error}") from None
+    except pa.ArrowException as error:
+        raise InvalidData(f"the body is not a readable Parquet file: {error}") from None
+    if rows != metadata.num_rows:
+        raise InvalidData(
+            f"the Parquet file's footer says {metadata.num_rows} rows; its data holds {rows}"
+        )
+    return rows, metadata.num_columns
+
+
+def _longest_value(column: pa.Array) -> int:
+    """The longest text (in characters) or binary value (in bytes) of a column; 0 for others."""
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary
+    kind = column.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        lengths = pc.utf8_length(column)
+    elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        lengths = pc.binary_length(column)
+    else:
+        return 0
+    return int(pc.max(lengths).as_py() or 0)
 
 
 def write_arrow_file(table: pa.Table, target: Path, *, durable: bool = True) -> int:
@@ -332,8 +392,6 @@ def decode_call(data: bytes) -> tuple[list[Any], dict[str, Any]]:
 # --- in the task worker ---------------------------------------------------------------------
 
 
-# The limits were checked when the upload was accepted; a kept upload is parsed again as is.
-_NO_LIMITS = Limits(max_rows=2**63, max_columns=2**63, max_cell_chars=2**63)
 _KEPT_TEXT = {kept: media for media, kept in _KEPT_FORMATS.items() if media in TEXT_UPLOADS}
 
 
@@ -346,7 +404,8 @@ def load_input(
         if format in _KEPT_TEXT:
             if cache is not None and os.path.exists(cache):
                 return _map_arrow(cache)
-            return _read_text_table(Path(path), _KEPT_TEXT[format], _NO_LIMITS)
+            # Checked when it was accepted: parsed again as it is.
+            return _read_text_table(Path(path), _KEPT_TEXT[format], None)
         if format == "parquet":
             return pd.read_parquet(path)
         if format == "arrow":  # an upload kept by an earlier version

@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     # A worker process's address-space cap; a runaway job then fails its attempt with a
     # MemoryError (or is killed) instead of taking the machine. None: no cap.
     worker_memory_mb: int | None = Field(default=None, ge=64)
+    # How much a converter process (the API's parsing of uploads and large JSON bodies, and
+    # its rendering of results) may grow by (RLIMIT_AS, beyond what it maps at start): a
+    # conversion that needs more is refused with 413 instead of growing the process until
+    # the machine runs out. None: no cap.
+    converter_memory_mb: int | None = Field(default=4096, ge=64)
     shutdown_grace: float = Field(default=10.0, ge=0)
     # While a queue's jobs run shorter than this, each slot keeps one more job claimed and
     # ready to start the moment the slot frees (the producer's prefetch); 0 turns it off.

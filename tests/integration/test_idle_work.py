@@ -18,7 +18,7 @@ from jobsvc import formats
 from jobsvc import repository as repo
 from jobsvc.converter import ConverterPool
 from jobsvc.db import Database
-from jobsvc.errors import InvalidData
+from jobsvc.errors import InvalidData, NeedsMoreMemory
 from jobsvc.files import FileStore
 from jobsvc.runner.idle_work import IdleWorkConverter
 from jobsvc.runner.runner import Runner
@@ -135,3 +135,34 @@ async def test_conversions_run_on_an_idle_worker_else_in_a_converter_process(
     assert elsewhere != os.getpid()
     release.touch()
     assert (await wait_for_status(client, holder["id"]))["status"] == "succeeded"
+
+
+def allocate(size: int) -> int:
+    """Needs ``size`` bytes at once (run in another process)."""
+    return len(bytearray(size))
+
+
+async def test_api_work_on_a_worker_is_held_to_the_converters_memory_cap(
+    database_url: str, tmp_path: Path
+) -> None:
+    # A worker process doing the API's work may grow no more than a converter process:
+    # past that the request is refused (after the converter, held to the same cap, fails
+    # too), and the worker, its own cap restored, goes on running jobs.
+    settings = make_settings(database_url, converter_memory_mb=256)
+    db = Database(settings)
+    runner = Runner(settings, db)
+    fallback = ConverterPool(1, memory_mb=256)
+    await runner.start()
+    try:
+        converter = runner.idle_work(fallback)
+        await until_idle(runner)
+        worker = runner.pool.pids()
+        with pytest.raises(NeedsMoreMemory):
+            await converter.run(allocate, 2 * 2**30)
+        assert runner.pool.pids() == worker  # the same process, alive
+        assert await converter.run(allocate, 64 * 2**20) == 64 * 2**20
+        assert await converter.run(os.getpid) in worker
+    finally:
+        await runner.stop()
+        fallback.shutdown()
+        await db.dispose()

@@ -16,10 +16,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from jobsvc import formats
-from jobsvc.errors import problems
+from jobsvc.errors import TooLarge, problems
 from jobsvc.schemas import SubmitJSON, SubmitOptions
 
 INLINE_BYTES = 64 * 1024  # parsed on the event loop: about 2 ms of JSON
+# pydantic's JSON parser (jiter) refuses a value nested deeper than this below the top level
+# as it meets it, before it builds anything: memory and the stack stay bounded.
+MAX_DEPTH = 200
 
 
 @dataclass(frozen=True)
@@ -39,10 +42,21 @@ def read(raw: bytes, limits: formats.Limits) -> ReadBody:
     except ValidationError as error:
         found = problems(error, "body")
         if any(problem["type"] == "json_invalid" for problem in found):
+            check_depth(found[0]["msg"], "the JSON body")
             return ReadBody(not_json=found[0]["msg"])
         return ReadBody(problems=found)
     records = formats.encode_records(body.data, limits)
     return ReadBody(options=body.model_copy(update={"data": []}), records=records)
+
+
+def check_depth(complaint: str, what: str) -> None:
+    """``TooLarge`` naming the limit when the JSON parser's ``complaint`` is its nesting."""
+    if "recursion limit exceeded" in complaint:
+        where = complaint.rpartition("exceeded ")[2]
+        raise TooLarge(
+            f"{what} is nested more than {MAX_DEPTH} levels deep ({where}); "
+            f"the limit is {MAX_DEPTH} levels"
+        )
 
 
 def read_file(path: str, limits: formats.Limits) -> ReadBody:
@@ -50,4 +64,4 @@ def read_file(path: str, limits: formats.Limits) -> ReadBody:
     return read(Path(path).read_bytes(), limits)
 
 
-__all__ = ["INLINE_BYTES", "ReadBody", "read", "read_file"]
+__all__ = ["INLINE_BYTES", "MAX_DEPTH", "ReadBody", "check_depth", "read", "read_file"]

@@ -4,9 +4,9 @@ No `from __future__ import annotations` here: the routes are defined inside fact
 FastAPI must evaluate their annotations (local `Annotated` aliases) where they are written.
 """
 
-import json
 from typing import Annotated, Any, Protocol
 
+import pydantic_core
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -150,8 +150,11 @@ def _parse_params(text: str | None) -> dict[str, Any]:
     if text is None or text == "":
         return {}
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
+        # pydantic's parser, as for a JSON body: the same depth limit (json.loads would
+        # recurse until a RecursionError)
+        value = pydantic_core.from_json(text)
+    except ValueError as error:
+        json_body.check_depth(str(error), "params")
         raise MalformedRequest(f"params is not valid JSON: {error}") from None
     if not isinstance(value, dict):
         raise InvalidInput("params must be a JSON object")

@@ -88,8 +88,12 @@ def main(
     niceness: int,
     memory_mb: int | None = None,
     log: tuple[str, str] = ("info", "text"),
+    api_memory_mb: int | None = None,
 ) -> None:
+    """``memory_mb``: this process's own cap; ``api_memory_mb``: how much it may grow while it
+    does the API's work (the converter processes' cap, ``JOBSVC_CONVERTER_MEMORY_MB``)."""
     processes.ignore_stop_signals()
+    os.environ["RUST_BACKTRACE"] = "0"  # see processes.start_child
     if niceness:
         os.nice(niceness)
     _cap_memory(memory_mb)
@@ -110,7 +114,8 @@ def main(
         kept, held = held, None
         if not isinstance(request, RunRequest):
             del kept
-            held = _answer_for_the_api(sock, request, resident)
+            with processes.growth_capped(api_memory_mb):
+                held = _answer_for_the_api(sock, request, resident)
             continue
         table = None
         if kept is not None and kept[0] == request.job_id:
@@ -157,6 +162,7 @@ def _answer_for_the_api(
         assert isinstance(request, ConvertRequest)
         value = processes.call_and_release(request.func)
     except Exception as error:  # a refusal (malformed data, say) is the API's answer
+        error.__traceback__ = None  # its frames may hold what ran out of memory
         send_message(sock, ("error", error))
         return None
     send_message(sock, ("ok", value))

@@ -187,6 +187,7 @@ def _start_process(context: BaseContext, settings: Settings) -> tuple[BaseProces
             processes.NICENESS,
             settings.worker_memory_mb,
             (settings.log_level, settings.log_format),
+            settings.converter_memory_mb,
         ),
         name="jobsvc-worker",
         daemon=True,
