@@ -8,7 +8,7 @@ pandas loaded, ~100 MiB) are started only while every worker is busy; and a CSV 
 upload checked on an idle worker stays there as a parsed table for its job, which the runner
 then starts on that same process (``pool.take``), so the upload is parsed once and no parsed
 copy is written and read back. Measured with ``make bench``: big data 1.70x-1.75x plain pandas
-without this policy, and its peak RSS 741-746 MiB (see the README for the figures with it).
+without this policy, and its peak RSS 741-746 MiB (see docs/benchmarks.md for the figures with it).
 
 A held table lasts until the process is sent anything else: its job's run, another job, a
 conversion, or a ``forget`` when the submit did not store the job. A job due later is never

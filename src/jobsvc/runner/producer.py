@@ -17,7 +17,7 @@ same transaction. A more urgent job submitted meanwhile waits for at most one re
 slot; a cancelled ready job is dropped when its turn comes, and at a stop the ready jobs go
 back to the queue uncounted. After a long job nothing is fetched ahead, so that no job waits
 behind one while another instance could run it. Measured with ``make bench``: small jobs and
-the PostgreSQL drain (see the README).
+the PostgreSQL drain (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
